@@ -1,0 +1,83 @@
+"""list-models, info, convert, export-diffusers."""
+
+from __future__ import annotations
+
+import click
+
+from .output import emit, log
+
+
+@click.command("list-models")
+@click.argument("pattern", required=False)
+@click.option("--json", "as_json", is_flag=True, help="JSON output")
+def list_models_cmd(pattern, as_json):
+    """List the presets (optionally matching a glob PATTERN)."""
+    from ..tokenizers.registry import get_preset, list_models
+
+    rows = []
+    for name in list_models(pattern):
+        p = get_preset(name)
+        rows.append({"name": name, "class": p["class"], "description": p.get("description", "")})
+    emit(rows, as_json=as_json)
+
+
+@click.command("info")
+@click.argument("model")
+@click.option("--json", "as_json", is_flag=True, help="JSON output")
+def info_cmd(model, as_json):
+    """Show a model's configuration: a preset name, a release directory or hf-hub:ORG/NAME."""
+    from ..tokenizers.registry import resolve_tokenizer
+
+    tok = resolve_tokenizer(model)
+    cfg = tok.release_config()
+    pp = tok.preprocess_config
+    summary = {
+        "model": model,
+        "class": cfg["_class_name"],
+        "family": cfg["family"],
+        "parameters": tok.num_parameters(),
+        "stride": tok.stride,
+        "image_size": pp.image_size,
+        "grid": list(tok.grid_for(pp.image_size, pp.image_size)),
+        "codebooks": cfg["codebooks"] or "-",
+        "scaling_factor": cfg["scaling_factor"],
+        "preprocess": f"{pp.crop} crop, {pp.interpolation}, {pp.image_size}px",
+    }
+    if as_json:
+        emit([], as_json=True, obj={**summary, "config": cfg})
+    else:
+        emit([{"field": k, "value": v} for k, v in summary.items()], as_json=False)
+
+
+@click.command("convert")
+@click.argument("kind", type=click.Choice(["mar-kl16"]))
+@click.argument("src", type=click.Path(dir_okay=False))
+@click.argument("dst", type=click.Path(file_okay=False))
+@click.option("--preset", default=None, help="Architecture to load into (default: detected from the keys)")
+@click.option("--json", "as_json", is_flag=True, help="JSON output")
+def convert_cmd(kind, src, dst, preset, as_json):
+    """Convert a released checkpoint SRC into a vistok release directory DST.
+
+    \b
+    mar-kl16   MAR kl16.ckpt / LDM kl-f16 (.ckpt, .pt or .safetensors)
+    """
+    from ..convert import CONVERTERS
+
+    log(f"converting {src} ({kind}) ...")
+    report = CONVERTERS[kind](src, dst, preset=preset)
+    emit([report], as_json=as_json)
+
+
+@click.command("export-diffusers")
+@click.argument("model")
+@click.argument("dst", type=click.Path(file_okay=False))
+def export_diffusers_cmd(model, dst):
+    """Write a KL-family MODEL as a diffusers AutoencoderKL directory DST."""
+    from ..convert import export_diffusers
+    from ..tokenizers.registry import resolve_tokenizer
+
+    out = export_diffusers(resolve_tokenizer(model), dst)
+    click.echo(str(out))
+
+
+COMMANDS = [list_models_cmd, info_cmd, convert_cmd, export_diffusers_cmd]

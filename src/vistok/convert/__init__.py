@@ -1,0 +1,14 @@
+"""Importers of released third-party checkpoints and exporters to other libraries' formats.
+
+Third-party files are read here only, with `torch.load(weights_only=True)`: never by executing
+pickled code.
+"""
+
+from .checkpoint_io import read_checkpoint
+from .diffusers_export import export_diffusers, kl_diffusers_config, kl_to_diffusers_state_dict
+from .mar_kl import convert_mar_kl16
+
+CONVERTERS = {"mar-kl16": convert_mar_kl16}
+
+__all__ = ["CONVERTERS", "convert_mar_kl16", "export_diffusers", "kl_diffusers_config",
+           "kl_to_diffusers_state_dict", "read_checkpoint"]

@@ -1,0 +1,164 @@
+"""Image files <-> model pixels: loading with clear errors, the config's preprocessing, uint8 output."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray]
+
+_INTERPOLATIONS = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+}
+_CROPS = ("center", "adm", "none")
+
+
+@dataclass
+class PreprocessConfig:
+    """How raw images become model input; stored in every tokenizer's config.
+
+    The model input is always RGB float in [-1, 1] (the API contract). `mean`/`std` are the
+    normalisation the network applies to [0, 1] pixels internally (0.5/0.5 is the identity on
+    [-1, 1] input); they are recorded so that exporters and baselines can reproduce it.
+
+    crop: "center" resizes the short side to `image_size` then center-crops; "adm" is the ADM
+    `center_crop_arr` used by MAR and LlamaGen (box-downsample by 2 while the short side is at
+    least twice the target, then bicubic resize and center crop); "none" keeps the native size
+    (it must then fit the model's stride).
+    """
+
+    image_size: int = 256
+    crop: str = "center"
+    interpolation: str = "bicubic"
+    mean: Sequence[float] = field(default=(0.5, 0.5, 0.5))
+    std: Sequence[float] = field(default=(0.5, 0.5, 0.5))
+    min_image_size: int = 16
+
+    def __post_init__(self):
+        if self.crop not in _CROPS:
+            raise ValueError(f"preprocess.crop must be one of {_CROPS}, got {self.crop!r}")
+        if self.interpolation not in _INTERPOLATIONS:
+            raise ValueError(
+                f"preprocess.interpolation must be one of {sorted(_INTERPOLATIONS)}, got {self.interpolation!r}"
+            )
+        self.mean = tuple(float(v) for v in self.mean)
+        self.std = tuple(float(v) for v in self.std)
+
+    @classmethod
+    def from_any(cls, value: "PreprocessConfig | dict | None", **defaults) -> "PreprocessConfig":
+        if isinstance(value, cls):
+            return value
+        merged = dict(defaults)
+        merged.update(value or {})
+        unknown = set(merged) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown preprocess keys: {sorted(unknown)}")
+        return cls(**merged)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+
+def load_image(source: ImageLike) -> Image.Image:
+    """Open an image as RGB; a missing or unreadable file raises with the path in the message."""
+    if isinstance(source, Image.Image):
+        return source.convert("RGB")
+    if isinstance(source, np.ndarray):
+        arr = source
+        if arr.ndim == 2:
+            arr = np.stack([arr] * 3, axis=-1)
+        if arr.ndim != 3 or arr.shape[-1] not in (3, 4):
+            raise ValueError(f"expected an HxWx3 array, got shape {tuple(source.shape)}")
+        if arr.dtype != np.uint8:
+            raise ValueError(f"expected a uint8 array, got {arr.dtype}")
+        return Image.fromarray(arr[..., :3])
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"image not found: {path}")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise ValueError(f"cannot read image {path}: {exc}") from exc
+
+
+def _resize_short_side(img: Image.Image, size: int, resample) -> Image.Image:
+    w, h = img.size
+    scale = size / min(w, h)
+    return img.resize((max(size, round(w * scale)), max(size, round(h * scale))), resample=resample)
+
+
+def _center_crop(img: Image.Image, size: int) -> Image.Image:
+    w, h = img.size
+    left, top = (w - size) // 2, (h - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def adm_center_crop(img: Image.Image, size: int) -> Image.Image:
+    """ADM's `center_crop_arr`: box halvings, bicubic to the short side, center crop."""
+    while min(img.size) >= 2 * size:
+        img = img.resize(tuple(x // 2 for x in img.size), resample=Image.Resampling.BOX)
+    scale = size / min(img.size)
+    img = img.resize(tuple(round(x * scale) for x in img.size), resample=Image.Resampling.BICUBIC)
+    return _center_crop(img, size)
+
+
+def preprocess_image(img: Image.Image, cfg: PreprocessConfig, name: str = "image") -> Image.Image:
+    if min(img.size) < cfg.min_image_size:
+        raise ValueError(
+            f"{name} is too small: {img.size[0]}x{img.size[1]} pixels, the shorter side must be at "
+            f"least {cfg.min_image_size}"
+        )
+    if cfg.crop == "adm":
+        return adm_center_crop(img, cfg.image_size)
+    if cfg.crop == "center":
+        img = _resize_short_side(img, cfg.image_size, _INTERPOLATIONS[cfg.interpolation])
+        return _center_crop(img, cfg.image_size)
+    return img
+
+
+def pil_to_pixels(img: Image.Image) -> torch.Tensor:
+    """PIL RGB -> (3, H, W) float32 in [-1, 1]."""
+    arr = np.asarray(img, dtype=np.uint8).copy()
+    return torch.from_numpy(arr).permute(2, 0, 1).float().div(127.5).sub(1.0)
+
+
+def to_uint8(pixels: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] float (..., 3, H, W) -> uint8 by rounding (the benchmark convention)."""
+    return ((pixels.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def pixels_to_pil(pixels: torch.Tensor) -> list[Image.Image]:
+    """(B, 3, H, W) or (3, H, W) in [-1, 1] -> list of PIL images."""
+    if pixels.ndim == 3:
+        pixels = pixels[None]
+    arr = to_uint8(pixels).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a) for a in arr]
+
+
+def list_image_files(paths: Iterable[ImageLike]) -> list[Path]:
+    """Expand directories (sorted, recursive) into image files; keep files as given."""
+    exts = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm"}
+    out: list[Path] = []
+    for p in paths:
+        p = Path(p)
+        if p.is_dir():
+            out.extend(sorted(q for q in p.rglob("*") if q.suffix.lower() in exts and q.is_file()))
+        elif p.exists():
+            out.append(p)
+        else:
+            raise FileNotFoundError(f"image not found: {p}")
+    return out

@@ -1,0 +1,339 @@
+"""The VisualTokenizer base class, its output dataclasses and the release checkpoint format.
+
+Release directory = `config.json` (class name, version, constructor args incl. preprocessing,
+codebook specs, latent scaling factor) + `model.safetensors`. Loading rebuilds the model from the
+config alone (no network) and loads the weights strictly.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Optional, Sequence
+
+import torch
+from safetensors.torch import load_file, save_model
+from torch import nn
+
+from .. import __version__
+from ..images import ImageLike, PreprocessConfig, list_image_files, load_image, pil_to_pixels, preprocess_image
+
+if TYPE_CHECKING:
+    from .kl import DiagonalGaussian
+    from .layout import TokenLayout
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+_TOKENIZER_CLASSES: dict[str, type["VisualTokenizer"]] = {}
+
+
+def register_tokenizer(cls):
+    """Class decorator: make a tokenizer class constructible from a config's `_class_name`."""
+    _TOKENIZER_CLASSES[cls.__name__] = cls
+    return cls
+
+
+def tokenizer_class(name: str) -> type["VisualTokenizer"]:
+    try:
+        return _TOKENIZER_CLASSES[name]
+    except KeyError:
+        raise ValueError(f"unknown tokenizer class {name!r}; known: {sorted(_TOKENIZER_CLASSES)}") from None
+
+
+@dataclass(frozen=True)
+class CodebookSpec:
+    """One discrete vocabulary of a tokenizer: `size` codes of `dim` channels, `depth` residual levels
+    per position; `shared` when all depths index the same codebook."""
+
+    size: int
+    depth: int = 1
+    dim: int = 0
+    shared: bool = False
+
+
+@dataclass
+class TokenizerEncoding:
+    """What `encode` returns; fields a family does not define stay None."""
+
+    grid: tuple[int, int]
+    ids: Optional[dict[str, torch.Tensor]] = None  # name -> (B, h, w, depth) int64
+    quantized: Optional[dict[str, torch.Tensor]] = None  # name -> (B, h*w, C), summed over depth
+    features: Optional[torch.Tensor] = None  # (B, h*w, width) continuous features for understanding
+    pooled: Optional[torch.Tensor] = None  # (B, E) CLIP-space embedding
+    latent_dist: Optional["DiagonalGaussian"] = None  # KL family: unscaled posterior
+    latents: Optional[torch.Tensor] = None  # KL family: scaled latents (B, C, h, w)
+
+
+class CheckpointMismatchError(ValueError):
+    """Weights that do not fit the model: lists every missing, unexpected and mis-shaped key."""
+
+    def __init__(self, target: str, missing=(), unexpected=(), mismatched=()):
+        self.missing, self.unexpected, self.mismatched = list(missing), list(unexpected), list(mismatched)
+        parts = []
+        if self.missing:
+            parts.append(f"{len(self.missing)} missing key(s): {_clip(self.missing)}")
+        if self.unexpected:
+            parts.append(f"{len(self.unexpected)} unexpected key(s): {_clip(self.unexpected)}")
+        if self.mismatched:
+            shapes = [f"{k} (checkpoint {tuple(a)} vs model {tuple(b)})" for k, a, b in self.mismatched]
+            parts.append(f"{len(shapes)} shape mismatch(es): {_clip(shapes)}")
+        super().__init__(f"weights do not match {target}: " + "; ".join(parts))
+
+
+def _clip(items: Sequence[str], limit: int = 20) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f", ... (+{len(items) - limit} more)" if len(items) > limit else "")
+
+
+def load_state_dict_strict(module: nn.Module, state_dict: dict[str, torch.Tensor], target: str = "") -> None:
+    """Strict load that names every problem. Keys that alias one tensor in the module (a shared
+    codebook) may appear once in `state_dict`, as safetensors' `save_model` stores them."""
+    expected = module.state_dict()
+    state_dict = dict(state_dict)
+    by_storage: dict[tuple, list[str]] = {}
+    for k, v in expected.items():
+        by_storage.setdefault((v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape)), []).append(k)
+    for names in by_storage.values():
+        present = [n for n in names if n in state_dict]
+        for n in names:
+            if present and n not in state_dict:
+                state_dict[n] = state_dict[present[0]]
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    mismatched = [
+        (k, state_dict[k].shape, expected[k].shape)
+        for k in expected
+        if k in state_dict and state_dict[k].shape != expected[k].shape
+    ]
+    if missing or unexpected or mismatched:
+        raise CheckpointMismatchError(target or type(module).__name__, missing, unexpected, mismatched)
+    module.load_state_dict(state_dict, strict=True)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, PreprocessConfig):
+        return value.to_dict()
+    if isinstance(value, (tuple, list)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    return value
+
+
+class VisualTokenizer(nn.Module):
+    """Base class of every vistok tokenizer.
+
+    Subclasses take keyword-only constructor arguments with defaults; the base class records them
+    (after defaults) as `self.config`, which is what `save_pretrained` writes and `load_tokenizer`
+    rebuilds from. Input pixels are (B, 3, H, W) float in [-1, 1].
+    """
+
+    family: ClassVar[str] = ""
+    default_preprocess: ClassVar[dict] = {}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is None:
+            return
+        signature = inspect.signature(init)
+
+        @functools.wraps(init)
+        def recording_init(self, *args, **kw):
+            try:
+                bound = signature.bind(self, *args, **kw)
+            except TypeError as exc:
+                valid = [p for p in signature.parameters if p != "self"]
+                raise TypeError(f"{cls.__name__}: {exc}; valid arguments: {valid}") from None
+            bound.apply_defaults()
+            init(self, *args, **kw)
+            if type(self) is cls:  # the most derived class records its own arguments
+                args_ = {k: _jsonable(v) for k, v in bound.arguments.items() if k != "self"}
+                self._config_args = args_
+
+        cls.__init__ = recording_init
+
+    # ----------------------------------------------------------------------------- config
+    @property
+    def config(self) -> dict:
+        """Constructor arguments (JSON types) that rebuild this tokenizer."""
+        return json.loads(json.dumps(self._config_args))
+
+    @property
+    def preprocess_config(self) -> PreprocessConfig:
+        return PreprocessConfig.from_any(self.config.get("preprocess"), **self.default_preprocess)
+
+    @property
+    def stride(self) -> int:
+        """Pixels per token along each side."""
+        raise NotImplementedError
+
+    @property
+    def codebooks(self) -> dict[str, CodebookSpec]:
+        return {}
+
+    @property
+    def scaling_factor(self) -> Optional[float]:
+        return None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def grid_for(self, height: int, width: int) -> tuple[int, int]:
+        return height // self.stride, width // self.stride
+
+    # ----------------------------------------------------------------------------- input
+    def validate_pixels(self, pixels: Any) -> torch.Tensor:
+        """Check the (B, 3, H, W) [-1, 1] float contract; raise ValueError saying what was expected."""
+        if not isinstance(pixels, torch.Tensor):
+            raise ValueError(f"expected pixels as a torch.Tensor (B, 3, H, W), got {type(pixels).__name__}; "
+                             "use tok.preprocess(images) for PIL images or paths")
+        if pixels.ndim != 4:
+            raise ValueError(f"expected pixels of shape (B, 3, H, W), got {tuple(pixels.shape)} ({pixels.ndim}-D)")
+        if pixels.shape[1] != 3:
+            raise ValueError(f"expected 3 RGB channels in dim 1, got shape {tuple(pixels.shape)}")
+        if not pixels.is_floating_point():
+            raise ValueError(f"expected float pixels in [-1, 1], got dtype {pixels.dtype}; "
+                             "convert uint8 with x / 127.5 - 1 or use tok.preprocess")
+        h, w = pixels.shape[-2:]
+        s = self.stride
+        if h < s or w < s or h % s or w % s:
+            raise ValueError(f"image size {h}x{w} does not fit the model's stride {s}: height and width must be "
+                             f"positive multiples of {s} (e.g. {self.preprocess_config.image_size})")
+        if pixels.numel():
+            if not torch.isfinite(pixels).all():
+                raise ValueError("pixels contain NaN or Inf")
+            lo, hi = pixels.min().item(), pixels.max().item()
+            if lo < -1.001 or hi > 1.001:
+                raise ValueError(f"expected pixel values in [-1, 1], got range [{lo:.3g}, {hi:.3g}]")
+        return pixels
+
+    def preprocess(self, images: ImageLike | Sequence[ImageLike]) -> torch.Tensor:
+        """PIL images, HxWx3 uint8 arrays, files or directories -> (B, 3, H, W) in [-1, 1],
+        using the preprocessing stored in this tokenizer's config."""
+        if isinstance(images, (str, os.PathLike)) or not isinstance(images, Sequence):
+            images = [images]
+        cfg = self.preprocess_config
+        items: list = []
+        for img in images:
+            if isinstance(img, (str, os.PathLike)):
+                items.extend(list_image_files([img]))
+            else:
+                items.append(img)
+        if not items:
+            raise ValueError("no images given")
+        tensors = []
+        for i, item in enumerate(items):
+            name = str(item) if isinstance(item, (str, os.PathLike)) else f"image {i}"
+            pil = preprocess_image(load_image(item), cfg, name=name)
+            tensors.append(pil_to_pixels(pil))
+        sizes = {tuple(t.shape) for t in tensors}
+        if len(sizes) > 1:
+            raise ValueError(f"images have different sizes after preprocessing ({sorted(sizes)}); "
+                             "set preprocess.crop to 'center' or 'adm' to batch them")
+        return self.validate_pixels(torch.stack(tensors))
+
+    # ----------------------------------------------------------------------------- API
+    def encode(self, pixels: torch.Tensor, **kwargs) -> TokenizerEncoding:
+        raise NotImplementedError
+
+    def decode(self, *, ids: Optional[dict] = None, latents: Optional[torch.Tensor] = None, **kwargs) -> torch.Tensor:
+        raise NotImplementedError
+
+    def embed(self, ids: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} has no discrete ids to embed")
+
+    def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} has no text tower")
+
+    def token_layout(self, text_vocab_size: int, **kwargs) -> "TokenLayout":
+        from .layout import TokenLayout
+
+        if not self.codebooks:
+            raise NotImplementedError(f"{type(self).__name__} produces continuous tokens: there is no vocabulary "
+                                      "to lay out; feed enc.latents (or tok.patchify) to the LLM instead")
+        return TokenLayout.from_codebooks(self.codebooks, text_vocab_size, **kwargs)
+
+    # ----------------------------------------------------------------------------- release format
+    def release_config(self) -> dict:
+        return {
+            "_class_name": type(self).__name__,
+            "family": self.family,
+            "vistok_version": __version__,
+            "model_args": self.config,
+            "preprocess": self.preprocess_config.to_dict(),
+            "codebooks": {k: asdict(v) for k, v in self.codebooks.items()},
+            "scaling_factor": self.scaling_factor,
+        }
+
+    def save_pretrained(self, directory: str | os.PathLike, *, extra: Optional[dict] = None) -> Path:
+        """Write `config.json` + `model.safetensors`; each file is replaced atomically, weights first,
+        so an interrupted save never leaves a config pointing at partial weights."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        config = self.release_config()
+        if extra:
+            config.update(extra)
+        with _atomic_path(directory / WEIGHTS_NAME) as tmp:
+            save_model(self, str(tmp), metadata={"format": "pt", "vistok_version": __version__})
+        with _atomic_path(directory / CONFIG_NAME) as tmp:
+            tmp.write_text(json.dumps(config, indent=2) + "\n")
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, **kwargs) -> "VisualTokenizer":
+        from .registry import load_tokenizer
+
+        tok = load_tokenizer(path, **kwargs)
+        if not isinstance(tok, cls):
+            raise ValueError(f"{path} holds a {type(tok).__name__}, not a {cls.__name__}")
+        return tok
+
+
+class _atomic_path:
+    """Context manager yielding a temp path in the target's directory, renamed over it on success."""
+
+    def __init__(self, target: Path):
+        self.target = target
+
+    def __enter__(self) -> Path:
+        fd, name = tempfile.mkstemp(prefix=f".{self.target.name}.", suffix=".tmp", dir=self.target.parent)
+        os.close(fd)
+        self.tmp = Path(name)
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            os.replace(self.tmp, self.target)
+        else:
+            self.tmp.unlink(missing_ok=True)
+        return False
+
+
+def read_release(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Read a release directory's config and weights (no model built)."""
+    cfg_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    for p in (cfg_path, weights_path):
+        if not p.is_file():
+            raise FileNotFoundError(f"{directory} is not a vistok release directory: missing {p.name}")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{cfg_path} is not valid JSON: {exc}") from exc
+    if "_class_name" not in config or "model_args" not in config:
+        raise ValueError(f"{cfg_path} lacks '_class_name' / 'model_args': not a vistok config")
+    try:
+        weights = load_file(str(weights_path))
+    except Exception as exc:  # safetensors raises its own error types for truncated files
+        raise ValueError(f"cannot read {weights_path}: {exc}") from exc
+    return config, weights

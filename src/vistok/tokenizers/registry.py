@@ -1,0 +1,101 @@
+"""Presets (JSON files in presets/) and the factory: create_tokenizer, load_tokenizer, list_models."""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import json
+import os
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Optional
+
+from .base import VisualTokenizer, load_state_dict_strict, read_release, tokenizer_class
+
+HF_HUB_PREFIX = "hf-hub:"
+
+
+@lru_cache(maxsize=None)
+def _presets() -> dict[str, dict]:
+    out = {}
+    for entry in resources.files(__package__).joinpath("presets").iterdir():
+        if entry.name.endswith(".json"):
+            preset = json.loads(entry.read_text())
+            out[preset["name"]] = preset
+    return out
+
+
+def list_models(pattern: Optional[str] = None) -> list[str]:
+    """Preset names, optionally filtered by a glob pattern ("*kl*")."""
+    names = sorted(_presets())
+    return [n for n in names if fnmatch.fnmatch(n, pattern)] if pattern else names
+
+
+def get_preset(name: str) -> dict:
+    presets = _presets()
+    if name not in presets:
+        close = difflib.get_close_matches(name, presets, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else f"; available: {', '.join(sorted(presets))}"
+        raise ValueError(f"unknown model {name!r}{hint}")
+    return json.loads(json.dumps(presets[name]))
+
+
+def _merge(base: dict, overrides: dict) -> dict:
+    out = dict(base)
+    for k, v in overrides.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def create_tokenizer(name: str, **overrides) -> VisualTokenizer:
+    """Build a preset with freshly initialised weights (never downloads). Keyword overrides replace
+    constructor arguments; a `preprocess` dict is merged into the preset's."""
+    preset = get_preset(name)
+    cls = tokenizer_class(preset["class"])
+    try:
+        tok = cls(**_merge(preset.get("args", {}), overrides))
+    except TypeError as exc:
+        raise ValueError(f"cannot build {name!r}: {exc}") from None
+    tok.preset_name = name
+    return tok
+
+
+def _resolve_hf_hub(spec: str) -> Path:
+    repo_id = spec[len(HF_HUB_PREFIX):]
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, allow_patterns=["config.json", "model.safetensors"]))
+    except ImportError:
+        raise OSError("hf-hub: models need the huggingface_hub package (pip install huggingface_hub)") from None
+    except Exception as exc:
+        raise OSError(f"could not fetch {repo_id!r} from the Hugging Face Hub ({type(exc).__name__}): without a "
+                      "network, download the directory elsewhere and pass its local path") from None
+
+
+def load_tokenizer(path: str | os.PathLike, *, map_location: str = "cpu") -> VisualTokenizer:
+    """Load a release directory (config.json + model.safetensors) or `hf-hub:org/name`, strictly."""
+    spec = str(path)
+    directory = _resolve_hf_hub(spec) if spec.startswith(HF_HUB_PREFIX) else Path(spec)
+    if not directory.exists():
+        hint = f" ({spec!r} is a preset: use create_tokenizer)" if spec in _presets() else ""
+        raise FileNotFoundError(f"no such tokenizer directory: {directory}{hint}")
+    config, weights = read_release(directory)
+    cls = tokenizer_class(config["_class_name"])
+    try:
+        tok = cls(**config["model_args"])
+    except TypeError as exc:
+        raise ValueError(f"{directory}/config.json does not fit {cls.__name__}: {exc}") from None
+    load_state_dict_strict(tok, weights, target=f"{cls.__name__} from {directory}")
+    tok.eval()
+    if map_location != "cpu":
+        tok.to(map_location)
+    return tok
+
+
+def resolve_tokenizer(spec: str, **overrides) -> VisualTokenizer:
+    """A directory, `hf-hub:...` or preset name (random weights) -> tokenizer. Used by the CLI."""
+    if spec.startswith(HF_HUB_PREFIX) or Path(spec).exists():
+        return load_tokenizer(spec)
+    return create_tokenizer(spec, **overrides).eval()
