@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import sys
 from pathlib import Path
 
 import click
@@ -21,18 +23,28 @@ def _batches(items, size):
 def _progress(total, desc):
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="img", disable=total < 2, file=click.get_text_stream("stderr"))
+    return tqdm(total=total, desc=desc, unit="img", disable=total < 2, file=sys.stderr)
+
+
+def _inference(fn):
+    """Run a command body under torch.inference_mode (scoped: no global grad switch)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        import torch
+
+        with torch.inference_mode():
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def _load(model, device):
-    import torch
-
     from ..tokenizers.registry import resolve_tokenizer
 
     tok = resolve_tokenizer(model)
     if not Path(model).exists() and not model.startswith("hf-hub:"):
         log(f"warning: {model} is a preset with random weights (pass a release directory for trained weights)")
-    torch.set_grad_enabled(False)
     return tok.to(device).eval()
 
 
@@ -45,6 +57,7 @@ def _load(model, device):
 @_batch_option
 @_device_option
 @click.option("--json", "as_json", is_flag=True, help="JSON output")
+@_inference
 def encode_cmd(model, images, out, sample, seed, batch_size, device, as_json):
     """Encode IMAGES (files or directories) with MODEL into ids or latents (safetensors)."""
     import torch
@@ -86,6 +99,7 @@ def encode_cmd(model, images, out, sample, seed, batch_size, device, as_json):
 @click.option("--out-dir", required=True, type=click.Path(file_okay=False))
 @_batch_option
 @_device_option
+@_inference
 def decode_cmd(model, file, out_dir, batch_size, device):
     """Decode a FILE written by `vistok encode` into PNG images in OUT_DIR."""
     from safetensors import safe_open
@@ -127,6 +141,7 @@ def decode_cmd(model, file, out_dir, batch_size, device):
 @_batch_option
 @_device_option
 @click.option("--json", "as_json", is_flag=True, help="JSON output")
+@_inference
 def reconstruct_cmd(model, images, out_dir, grid, batch_size, device, as_json):
     """Encode and decode IMAGES; write reconstructions (and an original|reconstruction grid)."""
     import torch

@@ -1,0 +1,103 @@
+"""The command line: results on stdout, one-line errors with exit 1, files that round-trip."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+from safetensors import safe_open
+
+import vistok
+from vistok.cli import main
+from vistok.images import pixels_to_pil
+
+
+@pytest.fixture
+def runner():
+    return CliRunner()
+
+
+@pytest.fixture
+def release(tmp_path, tiny_kl):
+    with torch.no_grad():
+        for p in tiny_kl.parameters():
+            p.mul_(1.1)
+    return tiny_kl.save_pretrained(tmp_path / "tiny-release")
+
+
+def test_list_models_and_info(runner, release):
+    res = runner.invoke(main, ["list-models", "--json"])
+    assert res.exit_code == 0
+    assert {r["name"] for r in json.loads(res.stdout)} >= {"mar-kl16", "tiny-kl"}
+    res = runner.invoke(main, ["info", str(release), "--json"])
+    info = json.loads(res.stdout)
+    assert info["stride"] == 4 and info["grid"] == [8, 8]
+    assert info["parameters"] == sum(p.numel() for p in vistok.load_tokenizer(release).parameters())
+    assert info["config"]["model_args"]["z_channels"] == 4
+    res = runner.invoke(main, ["info", "mar-kl16"])
+    assert "66456019" in res.stdout and "0.2325" in res.stdout
+
+
+def test_encode_decode_round_trip_matches_api(runner, release, image_dir, tmp_path):
+    out = tmp_path / "lat.safetensors"
+    res = runner.invoke(main, ["encode", str(release), str(image_dir), "--out", str(out), "--batch-size", "2"])
+    assert res.exit_code == 0, res.output
+    with safe_open(str(out), "pt") as f:
+        meta, latents = f.metadata(), f.get_tensor("latents")
+    assert json.loads(meta["grid"]) == [8, 8] and meta["family"] == "kl" and latents.shape == (3, 4, 8, 8)
+    tok = vistok.load_tokenizer(release)
+    with torch.no_grad():
+        expected = tok.encode(tok.preprocess(sorted(image_dir.iterdir()))).latents
+        torch.testing.assert_close(latents, expected)
+        res = runner.invoke(main, ["decode", str(release), str(out), "--out-dir", str(tmp_path / "dec")])
+        assert res.exit_code == 0, res.output
+        want = pixels_to_pil(tok.decode(latents=expected))
+    got = [np.asarray(Image.open(tmp_path / "dec" / f"img{i}.png")) for i in range(3)]
+    assert all(np.array_equal(g, np.asarray(w)) for g, w in zip(got, want))
+
+
+def test_reconstruct_writes_images_and_grid(runner, release, image_dir, tmp_path):
+    res = runner.invoke(main, ["reconstruct", str(release), str(image_dir / "img0.png"), str(image_dir / "img2.png"),
+                               "--out-dir", str(tmp_path / "rec"), "--json"])
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.stdout)
+    assert [r["image"] for r in rows] == ["img0.png", "img2.png"] and all(np.isfinite(r["psnr"]) for r in rows)
+    grid = Image.open(tmp_path / "rec" / "grid.png")
+    assert grid.size == (2 * 32 + 3 * 2, 2 * 32 + 3 * 2)  # 2 columns (original | recon) x 2 rows, padding 2
+    assert Image.open(tmp_path / "rec" / "img0.png").size == (32, 32)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["info", "no-such-model"], "unknown model 'no-such-model'"),
+    (["encode", "tiny-kl", "missing.png", "--out", "x.safetensors"], "image not found: missing.png"),
+    (["decode", "tiny-kl", "missing.safetensors", "--out-dir", "d"], "no such file: missing.safetensors"),
+])
+def test_errors_are_one_line_and_exit_1(runner, args, message):
+    res = runner.invoke(main, args)
+    assert res.exit_code == 1
+    assert res.stderr.strip().splitlines()[-1].startswith(f"Error: {message}")
+    assert "Traceback" not in res.output
+
+
+def test_unreadable_image_is_named(runner, tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a png")
+    res = runner.invoke(main, ["reconstruct", "tiny-kl", str(bad), "--out-dir", str(tmp_path / "o")])
+    assert res.exit_code == 1 and "cannot read image" in res.stderr and "bad.png" in res.stderr
+
+
+def test_export_diffusers_command(runner, release, tmp_path):
+    res = runner.invoke(main, ["export-diffusers", str(release), str(tmp_path / "d")])
+    assert res.exit_code == 0, res.output
+    cfg = json.loads((tmp_path / "d" / "config.json").read_text())
+    assert cfg["_class_name"] == "AutoencoderKL" and cfg["latent_channels"] == 4
+    assert (tmp_path / "d" / "diffusion_pytorch_model.safetensors").stat().st_size > 0
+
+
+def test_python_dash_m_entry_point():
+    res = subprocess.run([sys.executable, "-m", "vistok", "list-models"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "mar-kl16" in res.stdout
