@@ -9,6 +9,7 @@ with `vistok.convert.export_diffusers` and loaded with `diffusers.AutoencoderKL.
 Each configuration runs in a fresh subprocess (this script re-invoked with a hidden `--only CONFIG`),
 so that allocations of one configuration cannot hide or inflate another's memory numbers.
   * images/s = batch / median wall time of the `--repeats` timed steps (after `--warmup` untimed steps).
+    The JSON also has the median process CPU time per step, a steadier number on a busy machine.
   * peak MiB = peak resident memory (RSS) increase during the timed steps: the process's peak RSS over
     the timed steps minus its RSS just before them (model built, input allocated, warmup done). On Linux
     the kernel's peak counter is reset first (/proc/self/clear_refs), so construction peaks do not mask
@@ -116,11 +117,12 @@ def run_config(name: str, args) -> dict:
     gc.collect()
     rss_before, maxrss_before = _proc_status_mib("VmRSS"), _maxrss_mib()
     reset = rss_before is not None and _reset_peak_rss()
-    times = []
+    times, cpu_times = [], []
     for i in range(args.repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         out = step()
         times.append(time.perf_counter() - t0)
+        cpu_times.append(time.process_time() - c0)
         del out
         log(f"{name}: repeat {i + 1}/{args.repeats} {times[-1]:.2f}s")
     hwm = _proc_status_mib("VmHWM") if reset else None
@@ -128,6 +130,7 @@ def run_config(name: str, args) -> dict:
     med = statistics.median(times)
     return {"config": name, "impl": impl, "precision": precision, "images_per_s": args.batch_size / med,
             "median_s": med, "mean_s": statistics.mean(times), "times_s": times,
+            "median_cpu_s": statistics.median(cpu_times),  # process CPU time: less sensitive to other load
             "peak_rss_growth_mib": peak_growth, "peak_rss_method": "VmHWM-reset" if reset else "ru_maxrss-delta",
             "total_peak_rss_mib": _maxrss_mib(), "threads": torch.get_num_threads()}
 

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import pickle
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence
 
 import torch
 
 
-def read_checkpoint(path: str | Path) -> object:
+def read_checkpoint(path: str | Path, *, allowed_globals: Sequence[type] = ()) -> object:
     """Load a `.safetensors` file or a torch pickle without executing code. A pickle that needs
-    code execution (custom classes, argparse Namespaces, ...) is refused with a clear message."""
+    code execution (custom classes, ...) is refused with a clear message; `allowed_globals` names
+    plain-data classes to accept (e.g. argparse.Namespace, which MAR stores as `args`)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
@@ -20,7 +21,8 @@ def read_checkpoint(path: str | Path) -> object:
 
         return load_file(str(path))
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(list(allowed_globals)):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise ValueError(
