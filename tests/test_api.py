@@ -170,3 +170,37 @@ def test_no_top_level_package_shadows_hf_tokenizers():
     for name in ("tokenizers", "losses", "cli"):
         spec = importlib.util.find_spec(name)
         assert spec is None or repo not in Path(spec.origin or "").parents
+
+
+def test_config_copies_must_agree_with_model_args(tmp_path, tiny_kl):
+    tiny_kl.save_pretrained(tmp_path / "rel")
+    path = tmp_path / "rel" / "config.json"
+    cfg = json.loads(path.read_text())
+    cfg["scaling_factor"] = 0.3  # edited the descriptive copy instead of model_args
+    path.write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="scaling_factor 0.3 disagrees .* edit model_args"):
+        vistok.load_tokenizer(tmp_path / "rel")
+
+
+def test_release_files_get_normal_permissions(tmp_path, tiny_kl):
+    import os
+
+    mask = os.umask(0o022)
+    try:
+        tiny_kl.save_pretrained(tmp_path / "rel")
+    finally:
+        os.umask(mask)
+    for name in ("config.json", "model.safetensors"):
+        assert (tmp_path / "rel" / name).stat().st_mode & 0o777 == 0o644
+
+
+def test_kl_rejects_non_identity_normalisation():
+    with pytest.raises(ValueError, match="mean/std must be 0.5"):
+        vistok.create_tokenizer("tiny-kl", preprocess={"mean": [0.485, 0.456, 0.406]})
+
+
+def test_token_layout_rejects_mismatched_grids():
+    books = {"a": CodebookSpec(size=4), "b": CodebookSpec(size=4)}
+    layout = TokenLayout.from_codebooks(books, text_vocab_size=10)
+    with pytest.raises(ValueError, match="different"):
+        layout.to_llm_ids({"a": torch.zeros(1, 2, 2, 1, dtype=torch.long), "b": torch.zeros(1, 3, 3, 1, dtype=torch.long)})

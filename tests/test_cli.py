@@ -101,3 +101,41 @@ def test_export_diffusers_command(runner, release, tmp_path):
 def test_python_dash_m_entry_point():
     res = subprocess.run([sys.executable, "-m", "vistok", "list-models"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "mar-kl16" in res.stdout
+
+
+def test_decode_rejects_foreign_and_mismatched_files(runner, release, image_dir, tmp_path):
+    res = runner.invoke(main, ["decode", str(release), str(image_dir / "img0.png"), "--out-dir", str(tmp_path / "d")])
+    assert res.exit_code == 1 and "is not a vistok encode file" in res.stderr
+    lat = tmp_path / "lat.safetensors"
+    assert runner.invoke(main, ["encode", str(release), str(image_dir), "--out", str(lat)]).exit_code == 0
+    res = runner.invoke(main, ["decode", "mar-kl16", str(lat), "--out-dir", str(tmp_path / "d")])
+    assert res.exit_code == 1
+    assert f"{lat} (encoded with {release}) does not fit mar-kl16" in res.stderr and "(B, 16, h, w)" in res.stderr
+    assert not (tmp_path / "d").exists() or not any((tmp_path / "d").iterdir())  # nothing half-written
+
+
+def test_missing_directory_bad_device_and_duplicate_names(runner, release, image_dir, tmp_path):
+    res = runner.invoke(main, ["info", "checkpoints/nope"])
+    assert res.exit_code == 1 and "no such release directory: checkpoints/nope" in res.stderr
+    if not torch.cuda.is_available():
+        res = runner.invoke(main, ["encode", str(release), str(image_dir), "--out", "x.st", "--device", "cuda"])
+        assert res.exit_code == 1 and "CUDA is not available" in res.stderr
+    res = runner.invoke(main, ["encode", str(release), str(image_dir), "--out", "x.st", "--device", "gpu0"])
+    assert res.exit_code == 1 and "invalid --device 'gpu0'" in res.stderr
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "img0.png").write_bytes((image_dir / "img1.png").read_bytes())
+    res = runner.invoke(main, ["reconstruct", str(release), str(image_dir), str(other), "--out-dir", str(tmp_path / "r")])
+    assert res.exit_code == 1 and "would write the same output img0.png" in res.stderr
+
+
+def test_convert_non_checkpoint_and_scaling_factor_override(runner, image_dir, tmp_path):
+    res = runner.invoke(main, ["convert", "mar-kl16", str(image_dir / "img0.png"), str(tmp_path / "o")])
+    assert res.exit_code == 1 and "is not a readable torch checkpoint" in res.stderr
+    sd = vistok.create_tokenizer("tiny-kl").state_dict()
+    torch.save({"model": sd}, tmp_path / "tiny.ckpt")
+    res = runner.invoke(main, ["convert", "mar-kl16", str(tmp_path / "tiny.ckpt"), str(tmp_path / "o"),
+                               "--preset", "tiny-kl", "--scaling-factor", "0.4", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)[0]["scaling_factor"] == 0.4
+    assert vistok.load_tokenizer(tmp_path / "o").scaling_factor == 0.4

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import click
 
-from .output import emit, log
+from .common import load_model
+from .output import emit
 
 _device_option = click.option("--device", default="cpu", show_default=True, help="torch device")
 _batch_option = click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1))
@@ -39,13 +40,20 @@ def _inference(fn):
     return wrapper
 
 
-def _load(model, device):
-    from ..tokenizers.registry import resolve_tokenizer
+def _image_files(images, reserved=()):
+    """Expand IMAGES; outputs are named by file stem, so duplicate stems are refused up front."""
+    from ..images import list_image_files
 
-    tok = resolve_tokenizer(model)
-    if not Path(model).exists() and not model.startswith("hf-hub:"):
-        log(f"warning: {model} is a preset with random weights (pass a release directory for trained weights)")
-    return tok.to(device).eval()
+    files = list_image_files(images)
+    if not files:
+        raise ValueError("no image files found in the given paths")
+    seen: dict[str, Path] = {}
+    for f in files:
+        if f.stem in seen or f.stem in reserved:
+            other = seen.get(f.stem, f"the {f.stem}.png output")
+            raise ValueError(f"{f} and {other} would write the same output {f.stem}.png; rename one")
+        seen[f.stem] = f
+    return files
 
 
 @click.command("encode")
@@ -63,12 +71,10 @@ def encode_cmd(model, images, out, sample, seed, batch_size, device, as_json):
     import torch
     from safetensors.torch import save_file
 
-    from ..images import list_image_files
+    from ..fileio import atomic_path
 
-    tok = _load(model, device)
-    files = list_image_files(images)
-    if not files:
-        raise ValueError("no image files found in the given paths")
+    tok = load_model(model, device)
+    files = _image_files(images)
     gen = torch.Generator(device=device).manual_seed(seed)
     collected: dict[str, list] = {}
     grid = None
@@ -87,8 +93,8 @@ def encode_cmd(model, images, out, sample, seed, batch_size, device, as_json):
     tensors = {k: torch.cat(v).contiguous() for k, v in collected.items()}
     meta = {"vistok_model": model, "family": tok.family, "grid": json.dumps(list(grid)),
             "files": json.dumps([str(f) for f in files]), "kind": "ids" if "latents" not in tensors else "latents"}
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, out, metadata=meta)
+    with atomic_path(out) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
     emit([{"file": out, "images": len(files), "grid": list(grid),
            **{k: list(v.shape) for k, v in tensors.items()}}], as_json=as_json)
 
@@ -108,14 +114,28 @@ def decode_cmd(model, file, out_dir, batch_size, device):
 
     if not Path(file).is_file():
         raise FileNotFoundError(f"no such file: {file}")
-    tok = _load(model, device)
-    with safe_open(file, "pt") as f:
-        meta = f.metadata() or {}
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    names = [Path(p).stem for p in json.loads(meta.get("files", "[]"))]
+    tok = load_model(model, device)
+    try:
+        with safe_open(file, "pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # safetensors raises its own error type for non-safetensors input
+        raise ValueError(f"{file} is not a vistok encode file (safetensors): {exc}") from None
+    if "latents" not in tensors and not any(k.startswith("ids.") for k in tensors):
+        raise ValueError(f"{file} holds neither 'latents' nor 'ids.*' tensors: not written by `vistok encode`")
+    source = meta.get("vistok_model", "an unknown model")
     if meta.get("family") and meta["family"] != tok.family:
-        raise ValueError(f"{file} holds {meta['family']}-family tokens but {model} is a {tok.family} model")
+        raise ValueError(f"{file} holds {meta['family']}-family tokens (from {source}) but {model} is a "
+                         f"{tok.family} model")
+    names = [Path(p).stem for p in json.loads(meta.get("files", "[]"))]
     n = next(iter(tensors.values())).shape[0]
+    try:  # fail before any output is written if the tokens do not fit this model
+        if "latents" in tensors:
+            tok.validate_latents(tensors["latents"][:1])
+        else:
+            tok.decode(ids={k[4:]: v[:1].to(device) for k, v in tensors.items() if k.startswith("ids.")})
+    except ValueError as exc:
+        raise ValueError(f"{file} (encoded with {source}) does not fit {model}: {exc}") from None
     names = names if len(names) == n else [f"{i:06d}" for i in range(n)]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -147,12 +167,10 @@ def reconstruct_cmd(model, images, out_dir, grid, batch_size, device, as_json):
     import torch
     from torchvision.utils import make_grid
 
-    from ..images import list_image_files, pixels_to_pil
+    from ..images import pixels_to_pil
 
-    tok = _load(model, device)
-    files = list_image_files(images)
-    if not files:
-        raise ValueError("no image files found in the given paths")
+    tok = load_model(model, device)
+    files = _image_files(images, reserved=("grid",) if grid else ())
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     pairs, rows = [], []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from .common import load_model
 from .output import emit, log
 
 
@@ -39,9 +40,11 @@ def info_cmd(model, as_json):
         "stride": tok.stride,
         "image_size": pp.image_size,
         "grid": list(tok.grid_for(pp.image_size, pp.image_size)),
-        "codebooks": cfg["codebooks"] or "-",
+        "codebooks": cfg["codebooks"],
         "scaling_factor": cfg["scaling_factor"],
-        "preprocess": f"{pp.crop} crop, {pp.interpolation}, {pp.image_size}px",
+        "preprocess": {"adm": f"ADM center crop to {pp.image_size}px (box + bicubic)",
+                       "center": f"resize short side ({pp.interpolation}) + center crop to {pp.image_size}px",
+                       "none": "native size (must fit the stride)"}[pp.crop],
     }
     if as_json:
         emit([], as_json=True, obj={**summary, "config": cfg})
@@ -50,12 +53,14 @@ def info_cmd(model, as_json):
 
 
 @click.command("convert")
-@click.argument("kind", type=click.Choice(["mar-kl16"]))
+@click.argument("kind", type=click.Choice(["mar-kl16"]), metavar="KIND")
 @click.argument("src", type=click.Path(dir_okay=False))
 @click.argument("dst", type=click.Path(file_okay=False))
 @click.option("--preset", default=None, help="Architecture to load into (default: detected from the keys)")
+@click.option("--scaling-factor", type=float, default=None,
+              help="KL latent scaling factor to record (default: the preset's, 0.2325 for MAR KL-16)")
 @click.option("--json", "as_json", is_flag=True, help="JSON output")
-def convert_cmd(kind, src, dst, preset, as_json):
+def convert_cmd(kind, src, dst, preset, scaling_factor, as_json):
     """Convert a released checkpoint SRC into a vistok release directory DST.
 
     \b
@@ -64,20 +69,23 @@ def convert_cmd(kind, src, dst, preset, as_json):
     from ..convert import CONVERTERS
 
     log(f"converting {src} ({kind}) ...")
-    report = CONVERTERS[kind](src, dst, preset=preset)
+    report = CONVERTERS[kind](src, dst, preset=preset, scaling_factor=scaling_factor)
     emit([report], as_json=as_json)
 
 
 @click.command("export-diffusers")
 @click.argument("model")
 @click.argument("dst", type=click.Path(file_okay=False))
-def export_diffusers_cmd(model, dst):
+@click.option("--json", "as_json", is_flag=True, help="JSON output")
+def export_diffusers_cmd(model, dst, as_json):
     """Write a KL-family MODEL as a diffusers AutoencoderKL directory DST."""
-    from ..convert import export_diffusers
-    from ..tokenizers.registry import resolve_tokenizer
+    from ..convert import export_diffusers, kl_diffusers_config
 
-    out = export_diffusers(resolve_tokenizer(model), dst)
-    click.echo(str(out))
+    tok = load_model(model)
+    out = export_diffusers(tok, dst)
+    cfg = kl_diffusers_config(tok)
+    emit([{"dst": str(out), "latent_channels": cfg["latent_channels"], "scaling_factor": cfg["scaling_factor"],
+           "down_block_types": ",".join(cfg["down_block_types"])}], as_json=as_json)
 
 
 COMMANDS = [list_models_cmd, info_cmd, convert_cmd, export_diffusers_cmd]

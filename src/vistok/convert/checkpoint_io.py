@@ -20,6 +20,10 @@ def read_checkpoint(path: str | Path, *, allowed_globals: Sequence[type] = ()) -
         from safetensors.torch import load_file
 
         return load_file(str(path))
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if not (magic.startswith(b"PK\x03\x04") or magic[:1] == b"\x80"):  # torch zip archive or legacy pickle
+        raise ValueError(f"{path} is not a readable torch checkpoint (neither a zip archive nor a pickle)")
     try:
         with torch.serialization.safe_globals(list(allowed_globals)):
             return torch.load(path, map_location="cpu", weights_only=True)

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from ..fileio import atomic_path
 from ..tokenizers.kl import KLTokenizer
 
 _ATTN_LEAF = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
@@ -82,8 +83,8 @@ def export_diffusers(tok: KLTokenizer, dst: str | Path) -> Path:
     if not isinstance(tok, KLTokenizer):
         raise ValueError(f"export-diffusers supports the KL family only, got {type(tok).__name__}")
     dst = Path(dst)
-    dst.mkdir(parents=True, exist_ok=True)
-    save_file(kl_to_diffusers_state_dict(tok), str(dst / "diffusion_pytorch_model.safetensors"),
-              metadata={"format": "pt"})
-    (dst / "config.json").write_text(json.dumps(kl_diffusers_config(tok), indent=2) + "\n")
+    with atomic_path(dst / "diffusion_pytorch_model.safetensors") as tmp:
+        save_file(kl_to_diffusers_state_dict(tok), str(tmp), metadata={"format": "pt"})
+    with atomic_path(dst / "config.json") as tmp:
+        tmp.write_text(json.dumps(kl_diffusers_config(tok), indent=2) + "\n")
     return dst

@@ -26,13 +26,16 @@ def detect_kl_preset(state_dict: dict[str, torch.Tensor]) -> str:
     return "ldm-kl-f16" if has_decoder_attn else "mar-kl16"
 
 
-def convert_mar_kl16(src: str | Path, dst: str | Path, *, preset: Optional[str] = None) -> dict:
+def convert_mar_kl16(src: str | Path, dst: str | Path, *, preset: Optional[str] = None,
+                     scaling_factor: Optional[float] = None) -> dict:
     """Convert and write a release directory; returns a report (preset, tensors, parameters).
-    `preset` overrides the detected architecture (e.g. for a custom-size KL VAE)."""
+    `preset` overrides the detected architecture (e.g. for a custom-size KL VAE); `scaling_factor`
+    overrides the preset's (re-estimate it as 1 / std of the raw latents for a VAE other than MAR's)."""
     sd = normalize_kl_state_dict(unwrap_state_dict(read_checkpoint(src)))
     preset = preset or detect_kl_preset(sd)
-    tok = create_tokenizer(preset)
+    tok = create_tokenizer(preset, **({} if scaling_factor is None else {"scaling_factor": scaling_factor}))
     sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
     load_state_dict_strict(tok, sd, target=f"{preset} (from {src})")
     tok.save_pretrained(dst, extra={"source": {"kind": "mar-kl16", "file": Path(src).name, "preset": preset}})
-    return {"preset": preset, "tensors": len(sd), "parameters": tok.num_parameters(), "dst": str(dst)}
+    return {"preset": preset, "tensors": len(sd), "parameters": tok.num_parameters(),
+            "scaling_factor": tok.scaling_factor, "dst": str(dst)}

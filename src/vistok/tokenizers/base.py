@@ -11,7 +11,6 @@ import functools
 import inspect
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Optional, Sequence
@@ -21,6 +20,7 @@ from safetensors.torch import load_file, save_model
 from torch import nn
 
 from .. import __version__
+from ..fileio import atomic_path
 from ..images import ImageLike, PreprocessConfig, list_image_files, load_image, pil_to_pixels, preprocess_image
 
 if TYPE_CHECKING:
@@ -276,6 +276,15 @@ class VisualTokenizer(nn.Module):
             "scaling_factor": self.scaling_factor,
         }
 
+    def check_release_config(self, config: dict, source: str = "config.json") -> None:
+        """The descriptive copies in a release config (preprocess, scaling factor, codebooks) must agree
+        with what `model_args` builds: editing only the copy would otherwise be silently ignored."""
+        built = self.release_config()
+        for key in ("preprocess", "scaling_factor", "codebooks"):
+            if key in config and config[key] != built[key]:
+                raise ValueError(f"{source}: {key} {config[key]!r} disagrees with the model built from model_args "
+                                 f"({built[key]!r}); edit model_args, which is what loading uses")
+
     def save_pretrained(self, directory: str | os.PathLike, *, extra: Optional[dict] = None) -> Path:
         """Write `config.json` + `model.safetensors`; each file is replaced atomically, weights first,
         so an interrupted save never leaves a config pointing at partial weights."""
@@ -284,9 +293,9 @@ class VisualTokenizer(nn.Module):
         config = self.release_config()
         if extra:
             config.update(extra)
-        with _atomic_path(directory / WEIGHTS_NAME) as tmp:
+        with atomic_path(directory / WEIGHTS_NAME) as tmp:
             save_model(self, str(tmp), metadata={"format": "pt", "vistok_version": __version__})
-        with _atomic_path(directory / CONFIG_NAME) as tmp:
+        with atomic_path(directory / CONFIG_NAME) as tmp:
             tmp.write_text(json.dumps(config, indent=2) + "\n")
         return directory
 
@@ -298,26 +307,6 @@ class VisualTokenizer(nn.Module):
         if not isinstance(tok, cls):
             raise ValueError(f"{path} holds a {type(tok).__name__}, not a {cls.__name__}")
         return tok
-
-
-class _atomic_path:
-    """Context manager yielding a temp path in the target's directory, renamed over it on success."""
-
-    def __init__(self, target: Path):
-        self.target = target
-
-    def __enter__(self) -> Path:
-        fd, name = tempfile.mkstemp(prefix=f".{self.target.name}.", suffix=".tmp", dir=self.target.parent)
-        os.close(fd)
-        self.tmp = Path(name)
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            os.replace(self.tmp, self.target)
-        else:
-            self.tmp.unlink(missing_ok=True)
-        return False
 
 
 def read_release(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:

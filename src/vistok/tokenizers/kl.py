@@ -90,7 +90,8 @@ class AttnBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         y = self.norm(x)
-        q, k, v = (m(y).flatten(2).transpose(1, 2).unsqueeze(1) for m in (self.q, self.k, self.v))
+        # contiguous (B, 1, HW, C) so SDPA takes its fused CPU kernel, not the generic fallback
+        q, k, v = (m(y).flatten(2).transpose(1, 2).unsqueeze(1).contiguous() for m in (self.q, self.k, self.v))
         out = F.scaled_dot_product_attention(q, k, v)  # scale C^-1/2 as in LDM
         out = out.squeeze(1).transpose(1, 2).reshape(b, c, h, w)
         return x + self.proj_out(out)
@@ -262,7 +263,10 @@ class KLTokenizer(VisualTokenizer):
                                out_channels=out_channels, **common)
         self.quant_conv = nn.Conv2d(2 * z_channels, 2 * embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(embed_dim, z_channels, 1)
-        PreprocessConfig.from_any(preprocess, **self.default_preprocess)  # validate early
+        pp = PreprocessConfig.from_any(preprocess, **self.default_preprocess)
+        if pp.mean != (0.5, 0.5, 0.5) or pp.std != (0.5, 0.5, 0.5):
+            raise ValueError("KLTokenizer works on [-1, 1] pixels: preprocess mean/std must be 0.5, "
+                             f"got mean {pp.mean}, std {pp.std}")
 
     @property
     def stride(self) -> int:

@@ -53,7 +53,7 @@ class TokenLayout:
 
     def to_llm_ids(self, ids: dict[str, torch.Tensor]) -> torch.Tensor:
         """{name: (B, h, w, D)} -> (B, h*w*tokens_per_position) LLM ids in raster order."""
-        cols = []
+        cols, grids = [], set()
         for name in self.order:
             if name not in ids:
                 raise ValueError(f"ids lack codebook {name!r}; got {sorted(ids)}")
@@ -63,6 +63,9 @@ class TokenLayout:
             if x.numel() and (x.min() < 0 or x.max() >= self.sizes[name]):
                 raise ValueError(f"ids[{name!r}] out of range [0, {self.sizes[name]}): "
                                  f"min {int(x.min())}, max {int(x.max())}")
+            grids.add(tuple(x.shape[:3]))
+            if len(grids) > 1:
+                raise ValueError(f"codebooks have different (B, h, w): {sorted(grids)}")
             offs = torch.tensor([self.offsets[(name, d)] for d in range(self.depths[name])], device=x.device)
             cols.append(x.flatten(1, 2) + offs)
         return torch.cat(cols, dim=-1).flatten(1)

@@ -75,7 +75,8 @@ def _resolve_hf_hub(spec: str) -> Path:
 
 
 def load_tokenizer(path: str | os.PathLike, *, map_location: str = "cpu") -> VisualTokenizer:
-    """Load a release directory (config.json + model.safetensors) or `hf-hub:org/name`, strictly."""
+    """Load a release directory (config.json + model.safetensors) or `hf-hub:org/name`, strictly.
+    The model comes back in eval mode (create_tokenizer's, like any fresh nn.Module, is in train mode)."""
     spec = str(path)
     directory = _resolve_hf_hub(spec) if spec.startswith(HF_HUB_PREFIX) else Path(spec)
     if not directory.exists():
@@ -87,6 +88,7 @@ def load_tokenizer(path: str | os.PathLike, *, map_location: str = "cpu") -> Vis
         tok = cls(**config["model_args"])
     except TypeError as exc:
         raise ValueError(f"{directory}/config.json does not fit {cls.__name__}: {exc}") from None
+    tok.check_release_config(config, source=str(directory / "config.json"))
     load_state_dict_strict(tok, weights, target=f"{cls.__name__} from {directory}")
     tok.eval()
     if map_location != "cpu":
@@ -98,4 +100,6 @@ def resolve_tokenizer(spec: str, **overrides) -> VisualTokenizer:
     """A directory, `hf-hub:...` or preset name (random weights) -> tokenizer. Used by the CLI."""
     if spec.startswith(HF_HUB_PREFIX) or Path(spec).exists():
         return load_tokenizer(spec)
+    if os.sep in spec or "/" in spec or spec.startswith("."):
+        raise FileNotFoundError(f"no such release directory: {spec}")
     return create_tokenizer(spec, **overrides).eval()
