@@ -104,3 +104,18 @@ def test_invalid_architecture_is_rejected():
         KLTokenizer(ch_mult=(1, 2), encoder_attn_levels=(3,))
     with pytest.raises(ValueError, match="norm_groups"):
         KLTokenizer(ch=20, ch_mult=(1,), encoder_attn_levels=(), norm_groups=32)
+
+
+def test_channels_last_fast_path_gives_same_contiguous_outputs():
+    torch.manual_seed(0)
+    tok = vistok.create_tokenizer("tiny-kl").eval()
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    outs = {}
+    with torch.no_grad():
+        for flag in (False, True):
+            tok.channels_last = flag
+            post = tok.encode_posterior(x)
+            outs[flag] = (post.mean, tok.decode_unscaled(post.mean))
+    torch.testing.assert_close(outs[True][0], outs[False][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(outs[True][1], outs[False][1], rtol=1e-5, atol=1e-5)
+    assert outs[True][1].is_contiguous() and "channels_last" not in tok.config

@@ -222,6 +222,10 @@ class KLTokenizer(VisualTokenizer):
 
     family = "kl"
     default_preprocess = {"image_size": 256, "crop": "adm"}  # MAR: ADM center crop to 256
+    #: Run the convolutions on channels-last activations: oneDNN's fast path on CPU (mar-kl16, batch 4,
+    #: 256 px: about 2.3x faster in bf16 autocast and 1.2x in fp32). None = on for CPU tensors only.
+    #: A runtime setting, not part of the saved config; outputs are returned contiguous either way.
+    channels_last: Optional[bool] = None
 
     def __init__(
         self,
@@ -277,12 +281,17 @@ class KLTokenizer(VisualTokenizer):
         return self._scaling_factor
 
     # ---------------------------------------------------------------- raw (unscaled) paths
+    def _layout(self, x: torch.Tensor) -> torch.Tensor:
+        use = self.channels_last if self.channels_last is not None else x.device.type == "cpu"
+        return x.contiguous(memory_format=torch.channels_last) if use else x
+
     def encode_posterior(self, pixels: torch.Tensor) -> DiagonalGaussian:
-        return DiagonalGaussian.from_moments(self.quant_conv(self.encoder(pixels)))
+        moments = self.quant_conv(self.encoder(self._layout(pixels))).contiguous()
+        return DiagonalGaussian.from_moments(moments)
 
     def decode_unscaled(self, z: torch.Tensor) -> torch.Tensor:
         """Decoder output for raw (unscaled) latents, unclamped: what training losses see."""
-        return self.decoder(self.post_quant_conv(z))
+        return self.decoder(self.post_quant_conv(self._layout(z))).contiguous()
 
     def forward(self, pixels: torch.Tensor, *, sample_posterior: bool = True,
                 generator: Optional[torch.Generator] = None) -> KLForwardOutput:
