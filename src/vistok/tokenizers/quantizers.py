@@ -1,0 +1,341 @@
+"""Residual vector quantizer with EMA codebooks, dead-code restart and a memory-bounded encode.
+
+What DualToken's code does (RQ-VAE lineage, reference/dualtoken.md section 2.4), as one module:
+- residual loop: depth d quantizes what depths < d left over; codebook shared across depths or one
+  per depth; nearest code by squared L2; straight-through gradients (rotation trick optional);
+- codebooks are not learned by gradient: EMA of per-code counts and sums (decay 0.99, Laplace
+  smoothing), all-reduced across DDP ranks inside the training forward; counts start at 0;
+- dead-code restart: DualToken's rule (EMA count below a threshold) or the paper's wording (unused for
+  N steps), replacement vectors drawn from the current batch on rank 0 and broadcast, EMA state reset;
+- commitment loss: DualToken's cumulative form or the per-depth form;
+- quantization in fp32 under autocast, buffers that stay fp32.
+
+vector-quantize-pytorch supplies k-means init and the rotation trick. Its ResidualVQ is the reference
+for the search in tests and benchmarks. It is not the engine here because its shared-codebook EMA
+applies the decay once per depth, starts counts at 1, has no unused-steps rule, caches its
+distributed check at construction and materialises several tokens x codes matrices per call.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+COMMITMENT_FORMS = ("cumulative", "per_depth")
+RESTART_RULES = ("ema", "unused", "none")
+EMA_SCHEDULES = ("per_step", "per_depth")
+
+
+@dataclass
+class QuantizerOutput:
+    quantized: torch.Tensor  # (..., dim) sum over depth, straight-through (or rotation-trick) gradients
+    ids: torch.Tensor  # (..., depth) int64
+    commitment_loss: torch.Tensor  # scalar, already multiplied by commitment_weight
+    per_depth_loss: torch.Tensor  # (depth,) unweighted MSE(input, stop-grad prefix sum of codes)
+
+
+@dataclass
+class QuantizerStats:
+    usage: list[float]  # per depth: fraction of the codebook hit within the last `usage_window` steps
+    perplexity: list[float]  # per depth: exp(entropy) of the last training batch's code histogram
+    dead_codes: list[int]  # per codebook: codes the restart rule currently marks dead
+    restarts_last_step: int
+    restarts_total: int
+    steps: int
+
+
+def _distributed(sync: Optional[bool]) -> bool:
+    if sync is not None:
+        return sync and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def nearest_code(x: torch.Tensor, codebook: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """argmin_j ||x_i - e_j|| for rows of x (N, d) against codebook (K, d), `chunk_size` rows at a time.
+
+    The distance is computed with the same expression and op order as vector-quantize-pytorch
+    (sqrt(clamp(|x|^2 + |e|^2 - 2 x.e, 1e-8))), so ids match it exactly; extra memory is
+    O(chunk_size x K) instead of several N x K matrices plus an N x K one-hot.
+    """
+    e2 = codebook.pow(2).sum(-1)
+    out = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
+    for start in range(0, x.shape[0], chunk_size):
+        xc = x[start:start + chunk_size]
+        xy = torch.einsum("b i d, b j d -> b i j", xc[None], codebook[None])[0] * -2
+        dist_ = (xc.pow(2).sum(-1)[:, None] + e2[None] + xy).clamp(min=1e-8).sqrt()
+        out[start:start + chunk_size] = dist_.argmin(-1)
+    return out
+
+
+class ResidualQuantizer(nn.Module):
+    """Residual VQ with EMA codebooks (keyword-only; defaults follow DualToken's code).
+
+    dim: input channels; codebook_dim: code channels (a linear projection in/out when different);
+    codebook_size, depth, shared_codebook; decay (0.99, not the library's 0.8); restart:
+    "ema" (EMA count < restart_threshold, DualToken), "unused" (not hit for restart_unused_steps
+    steps, the paper's wording) or "none"; commitment: "cumulative" (DualToken: mean over depths of
+    MSE(z, sg(prefix sum))) or "per_depth" (the library's: each depth's input vs its code, summed);
+    ema_schedule: "per_step" (one EMA update per forward from all depths, DualToken's "rq_ema") or
+    "per_depth" (update after each depth, DualToken's pixel "rq"); initial_cluster_size: EMA counts at
+    the start (None: 0 as DualToken with a restart rule, 1 without one); sync_codebook: None decides at
+    every call (not cached) whether to all-reduce across ranks.
+
+    Under DDP, every rank must run every training-mode forward of this module: the EMA statistics and
+    restart draws are collectives inside forward, and a rank that skips one hangs the others.
+    """
+
+    def __init__(
+        self,
+        *,
+        dim: int,
+        codebook_size: int,
+        depth: int = 1,
+        codebook_dim: Optional[int] = None,
+        shared_codebook: bool = True,
+        decay: float = 0.99,
+        eps: float = 1e-5,
+        kmeans_init: bool = False,
+        kmeans_iters: int = 10,
+        rotation_trick: bool = False,
+        commitment_weight: float = 1.0,
+        commitment: str = "cumulative",
+        restart: str = "ema",
+        restart_threshold: float = 1.0,
+        restart_unused_steps: int = 100,
+        ema_schedule: str = "per_step",
+        initial_cluster_size: Optional[float] = None,
+        sync_codebook: Optional[bool] = None,
+        search_chunk_size: Optional[int] = None,
+        usage_window: int = 100,
+    ):
+        super().__init__()
+        for name, value, allowed in (("commitment", commitment, COMMITMENT_FORMS), ("restart", restart, RESTART_RULES),
+                                     ("ema_schedule", ema_schedule, EMA_SCHEDULES)):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        if depth < 1 or codebook_size < 2:
+            raise ValueError(f"need depth >= 1 and codebook_size >= 2, got {depth}, {codebook_size}")
+        self.dim, self.codebook_size, self.depth = dim, codebook_size, depth
+        self.codebook_dim = codebook_dim or dim
+        self.shared_codebook = shared_codebook
+        self.decay, self.eps = decay, eps
+        self.kmeans_init, self.kmeans_iters = kmeans_init, kmeans_iters
+        self.rotation_trick = rotation_trick
+        self.commitment_weight, self.commitment = commitment_weight, commitment
+        self.restart, self.restart_threshold, self.restart_unused_steps = restart, restart_threshold, restart_unused_steps
+        self.ema_schedule, self.sync_codebook = ema_schedule, sync_codebook
+        self.search_chunk_size = search_chunk_size or max(64, (1 << 24) // codebook_size)
+        self.usage_window = usage_window
+
+        self.project_in = nn.Linear(dim, self.codebook_dim) if self.codebook_dim != dim else nn.Identity()
+        self.project_out = nn.Linear(self.codebook_dim, dim) if self.codebook_dim != dim else nn.Identity()
+        books = 1 if shared_codebook else depth
+        embed = torch.randn(books, codebook_size, self.codebook_dim) / math.sqrt(self.codebook_dim)
+        self.register_buffer("embed", embed)
+        self.register_buffer("embed_avg", embed.clone())
+        if initial_cluster_size is None:
+            # DualToken starts counts at 0: with a restart rule the first step re-seeds nearly every code
+            # from data. Without one, unused codes would be divided by ~eps in the Laplace smoothing and
+            # grow without bound, so start at 1 as vector-quantize-pytorch does.
+            initial_cluster_size = 0.0 if restart != "none" else 1.0
+        self.register_buffer("cluster_size", torch.full((books, codebook_size), float(initial_cluster_size)))
+        self.register_buffer("steps_unused", torch.zeros(books, codebook_size, dtype=torch.long))
+        self.register_buffer("last_used", torch.full((depth, codebook_size), -(1 << 40), dtype=torch.long))
+        self.register_buffer("last_counts", torch.zeros(depth, codebook_size))
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        self.register_buffer("restarts_total", torch.zeros((), dtype=torch.long))
+        self.register_buffer("restarts_last", torch.zeros((), dtype=torch.long))
+        self.register_buffer("initted", torch.tensor(not kmeans_init))
+
+    # ------------------------------------------------------------------ dtype policy
+    def _apply(self, fn, recurse=True):
+        """Keep parameters and buffers fp32 whatever `.to(dtype)` says: EMA in bf16 loses the codebook."""
+        super()._apply(fn, recurse)
+        for module in self.modules():
+            for name, p in module._parameters.items():
+                if p is not None and p.is_floating_point() and p.dtype != torch.float32:
+                    p.data = p.data.float()
+            for name, b in module._buffers.items():
+                if b is not None and b.is_floating_point() and b.dtype != torch.float32:
+                    module._buffers[name] = b.float()
+        return self
+
+    def book_of(self, d: int) -> int:
+        return 0 if self.shared_codebook else d
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor) -> QuantizerOutput:
+        """x (..., dim) -> quantized (..., dim), ids (..., depth). Training mode updates the codebooks."""
+        if x.shape[-1] != self.dim:
+            raise ValueError(f"expected input (..., {self.dim}), got {tuple(x.shape)}")
+        lead = x.shape[:-1]
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            z = self.project_in(x.float().reshape(-1, self.dim))
+            update = self.training  # EMA and restarts happen in every training-mode forward
+            if update:
+                self.restarts_last.zero_()
+            if update and not bool(self.initted):
+                self._kmeans_init(z.detach())
+            residual = z.detach()
+            ids, codes, inputs = [], [], []
+            for d in range(self.depth):
+                book = self.embed[self.book_of(d)]
+                idx = nearest_code(residual, book, self.search_chunk_size)
+                inputs.append(residual)
+                if update and self.ema_schedule == "per_depth":
+                    self._update([(d, residual, idx)])
+                code = self.embed[self.book_of(d)][idx]  # per_depth: the codebook just updated
+                residual = residual - code
+                ids.append(idx)
+                codes.append(code)
+            if update and self.ema_schedule == "per_step":
+                self._update(list(zip(range(self.depth), inputs, ids)))
+            if update:
+                self._record_usage(ids)
+            prefix = torch.stack(codes).cumsum(0)  # (depth, N, c): sum of the first d+1 codes
+            per_depth = ((z[None] - prefix) ** 2).mean(dim=(1, 2))  # gradient to z only
+            loss = per_depth.mean() if self.commitment == "cumulative" else per_depth.sum()
+            total = prefix[-1]
+            if self.rotation_trick:
+                from vector_quantize_pytorch.vector_quantize_pytorch import rotate_to
+
+                zq = rotate_to(z, total)
+            else:
+                zq = z + (total - z).detach()
+            out = self.project_out(zq)
+        return QuantizerOutput(out.reshape(*lead, self.dim), torch.stack(ids, -1).reshape(*lead, self.depth),
+                               loss * self.commitment_weight, per_depth.detach())
+
+    # ------------------------------------------------------------------ EMA and restart
+    def _all_reduce(self, *tensors: torch.Tensor) -> None:
+        if _distributed(self.sync_codebook):
+            for t in tensors:
+                dist.all_reduce(t, op=dist.ReduceOp.SUM)
+
+    def _broadcast(self, t: torch.Tensor) -> torch.Tensor:
+        if _distributed(self.sync_codebook):
+            dist.broadcast(t, src=0)
+        return t
+
+    @torch.no_grad()
+    def _update(self, batches: list[tuple[int, torch.Tensor, torch.Tensor]]) -> None:
+        """EMA of counts and sums per codebook from (depth, inputs, ids), then the restart rule."""
+        books = sorted({self.book_of(d) for d, _, _ in batches})
+        k, c = self.codebook_size, self.codebook_dim
+        counts = torch.zeros(len(books), k, device=self.embed.device)
+        sums = torch.zeros(len(books), k, c, device=self.embed.device)
+        pools: dict[int, list[torch.Tensor]] = {b: [] for b in books}
+        for d, inp, idx in batches:
+            j = books.index(self.book_of(d))
+            counts[j].index_add_(0, idx, torch.ones_like(idx, dtype=counts.dtype))
+            sums[j].index_add_(0, idx, inp)
+            pools[self.book_of(d)].append(inp)
+        self._all_reduce(counts, sums)
+        for j, b in enumerate(books):
+            self.cluster_size[b].lerp_(counts[j], 1 - self.decay)
+            self.embed_avg[b].lerp_(sums[j], 1 - self.decay)
+            n = self.cluster_size[b].sum()
+            smoothed = (self.cluster_size[b] + self.eps) / (n + k * self.eps) * n
+            self.embed[b].copy_(self.embed_avg[b] / smoothed[:, None])
+            self.steps_unused[b] = torch.where(counts[j] > 0, torch.zeros_like(self.steps_unused[b]),
+                                               self.steps_unused[b] + 1)
+            self._restart(b, torch.cat(pools[b]))
+
+    def dead_mask(self, book: int) -> torch.Tensor:
+        if self.restart == "ema":
+            return self.cluster_size[book] < self.restart_threshold
+        if self.restart == "unused":
+            return self.steps_unused[book] >= self.restart_unused_steps
+        return torch.zeros(self.codebook_size, dtype=torch.bool, device=self.embed.device)
+
+    def _restart(self, book: int, pool: torch.Tensor) -> None:
+        dead = self.dead_mask(book)
+        n_dead = int(dead.sum())
+        if n_dead == 0:
+            return
+        # rank 0 draws from its batch and broadcasts, so every rank replaces the same codes identically
+        if pool.shape[0] >= n_dead:
+            picks = pool[torch.randperm(pool.shape[0], device=pool.device)[:n_dead]]
+        else:  # DualToken: tile the batch and jitter it
+            picks = pool[torch.randint(0, pool.shape[0], (n_dead,), device=pool.device)]
+            picks = picks + torch.rand_like(picks) * 0.01 / math.sqrt(self.codebook_dim)
+        picks = self._broadcast(picks.contiguous())
+        reset = self.restart_threshold if self.restart == "ema" else 1.0
+        self.embed[book][dead] = picks
+        self.embed_avg[book][dead] = picks * reset
+        self.cluster_size[book][dead] = reset
+        self.steps_unused[book][dead] = 0
+        self.restarts_last += n_dead
+        self.restarts_total += n_dead
+
+    @torch.no_grad()
+    def _record_usage(self, ids: list[torch.Tensor]) -> None:
+        self.step += 1
+        for d, idx in enumerate(ids):
+            counts = torch.bincount(idx, minlength=self.codebook_size).float()
+            self._all_reduce(counts)
+            self.last_counts[d] = counts
+            self.last_used[d][counts > 0] = self.step
+
+    @torch.no_grad()
+    def _kmeans_init(self, z: torch.Tensor) -> None:
+        from vector_quantize_pytorch.vector_quantize_pytorch import kmeans
+
+        if not _distributed(self.sync_codebook) or dist.get_rank() == 0:
+            means, _ = kmeans(z[None], self.codebook_size, self.kmeans_iters)
+            init = means[0]
+        else:
+            init = torch.empty(self.codebook_size, self.codebook_dim, device=z.device)
+        init = self._broadcast(init.contiguous())
+        self.embed.copy_(init.expand_as(self.embed))
+        self.embed_avg.copy_(self.embed * max(self.restart_threshold, 1.0))
+        self.cluster_size.fill_(max(self.restart_threshold, 1.0))
+        self.initted.fill_(True)
+
+    # ------------------------------------------------------------------ encode / decode from ids
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Ids only (..., depth), no EMA update, memory bounded by one search chunk."""
+        was = self.training
+        self.eval()
+        try:
+            return self(x).ids
+        finally:
+            self.train(was)
+
+    def codes_from_ids(self, ids: torch.Tensor, *, per_depth: bool = False) -> torch.Tensor:
+        """Code vectors (codebook space) for ids (..., k) with k <= depth (the first k depths):
+        summed over depth (..., codebook_dim), or stacked (k, ..., codebook_dim) with per_depth=True."""
+        if ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+            raise ValueError(f"ids must be an integer tensor, got {ids.dtype}")
+        k = ids.shape[-1]
+        if not 1 <= k <= self.depth:
+            raise ValueError(f"ids have {k} depth column(s); this quantizer has depth {self.depth} "
+                             f"(pass the first 1..{self.depth} depths)")
+        if ids.numel() and (ids.min() < 0 or ids.max() >= self.codebook_size):
+            raise ValueError(f"ids out of range [0, {self.codebook_size}): min {int(ids.min())}, max {int(ids.max())}")
+        codes = torch.stack([self.embed[self.book_of(d)][ids[..., d].long()] for d in range(k)])
+        return codes if per_depth else codes.sum(0)
+
+    def decode(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids (..., k) -> quantized vectors (..., dim) from the first k depths (eval forward's output)."""
+        return self.project_out(self.codes_from_ids(ids))
+
+    # ------------------------------------------------------------------ statistics
+    @torch.no_grad()
+    def stats(self) -> QuantizerStats:
+        step = int(self.step)
+        usage = ((step - self.last_used) < self.usage_window).float().mean(1).tolist()
+        probs = self.last_counts / self.last_counts.sum(1, keepdim=True).clamp_min(1)
+        entropy = -(probs * probs.clamp_min(1e-12).log()).sum(1)
+        books = 1 if self.shared_codebook else self.depth
+        return QuantizerStats(usage=usage, perplexity=entropy.exp().tolist(),
+                              dead_codes=[int(self.dead_mask(b).sum()) for b in range(books)],
+                              restarts_last_step=int(self.restarts_last), restarts_total=int(self.restarts_total),
+                              steps=step)
