@@ -32,45 +32,15 @@ Progress goes to stderr; stdout gets a table and, as its last line, one JSON obj
 from __future__ import annotations
 
 import argparse
-import gc
 import json
-import resource
-import statistics
-import subprocess
-import sys
-import time
+
+from _harness import make_logger, measure, run_all, run_worker
 
 CONFIGS = ("vistok", "library")
 SEED = 0
 
 
-def log(msg: str) -> None:
-    print(f"[quantizer] {msg}", file=sys.stderr, flush=True)
-
-
-def _maxrss_mib() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return r / 2**20 if sys.platform == "darwin" else r / 1024  # bytes on macOS, KiB on Linux
-
-
-def _proc_status_mib(field: str) -> float | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets the peak RSS (VmHWM) to the current RSS
-        return True
-    except OSError:
-        return False
+log = make_logger("quantizer")
 
 
 def build(impl: str, args):
@@ -114,29 +84,12 @@ def run_config(impl: str, args) -> dict:
 
     def step():
         with torch.inference_mode():
-            return encode(x)
-
-    for _ in range(args.warmup):
-        step()
-    gc.collect()
-    rss_before, maxrss_before = _proc_status_mib("VmRSS"), _maxrss_mib()
-    reset = rss_before is not None and _reset_peak_rss()
-    times, cpu_times = [], []
-    for i in range(args.repeats):
-        t0, c0 = time.perf_counter(), time.process_time()
-        ids = step()
-        times.append(time.perf_counter() - t0)
-        cpu_times.append(time.process_time() - c0)
+            ids = encode(x)
         assert ids.shape == (1, args.tokens, args.depth), ids.shape
-        del ids
-        log(f"{impl}: repeat {i + 1}/{args.repeats} {times[-1]:.2f}s")
-    hwm = _proc_status_mib("VmHWM") if reset else None
-    peak_growth = hwm - rss_before if hwm is not None else _maxrss_mib() - maxrss_before
-    med = statistics.median(times)
-    return {"config": impl, "median_s": med, "tokens_per_s": args.tokens / med, "times_s": times,
-            "median_cpu_s": statistics.median(cpu_times),  # process CPU time: less sensitive to other load
-            "peak_rss_growth_mib": peak_growth, "peak_rss_method": "VmHWM-reset" if reset else "ru_maxrss-delta",
-            "total_peak_rss_mib": _maxrss_mib(), "threads": torch.get_num_threads()}
+        return ids
+
+    r = measure(step, name=impl, warmup=args.warmup, repeats=args.repeats, log=log)
+    return {**r, "tokens_per_s": args.tokens / r["median_s"]}
 
 
 def run_check(args) -> dict:
@@ -167,12 +120,7 @@ def main() -> None:
     if args.repeats < 1 or args.warmup < 0:
         ap.error("--repeats must be >= 1 and --warmup >= 0")
 
-    if args.only:  # worker: one configuration, one JSON line on stdout
-        import torch
-
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        print(json.dumps(run_check(args) if args.only == "check" else run_config(args.only, args)), flush=True)
+    if run_worker(args, run_config, run_check):  # a `--only` subprocess
         return
 
     import torch
@@ -181,14 +129,7 @@ def main() -> None:
                    f"--depth={args.depth}", f"--warmup={args.warmup}", f"--repeats={args.repeats}"]
     if args.threads:
         passthrough.append(f"--threads={args.threads}")
-    results = {}
-    for name in CONFIGS + ("check",):
-        log(f"running {name} in a subprocess")
-        proc = subprocess.run([sys.executable, __file__, *passthrough, f"--only={name}"],
-                              stdout=subprocess.PIPE, text=True)
-        if proc.returncode:
-            sys.exit(f"{name} failed with exit code {proc.returncode}")
-        results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+    results = run_all(__file__, CONFIGS, passthrough, log)
     check = results.pop("check")
     v, lib = results["vistok"], results["library"]
 

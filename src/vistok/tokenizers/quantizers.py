@@ -24,7 +24,6 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 COMMITMENT_FORMS = ("cumulative", "per_depth")
@@ -67,9 +66,11 @@ def nearest_code(x: torch.Tensor, codebook: torch.Tensor, chunk_size: int) -> to
     out = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
     for start in range(0, x.shape[0], chunk_size):
         xc = x[start:start + chunk_size]
-        xy = torch.einsum("b i d, b j d -> b i j", xc[None], codebook[None])[0] * -2
-        dist_ = (xc.pow(2).sum(-1)[:, None] + e2[None] + xy).clamp(min=1e-8).sqrt()
-        out[start:start + chunk_size] = dist_.argmin(-1)
+        xy = torch.einsum("b i d, b j d -> b i j", xc[None], codebook[None])[0].mul_(-2)
+        # (|x|^2 + |e|^2) + xy in the library's order, in place: two chunk-sized temporaries in all
+        dist_ = (xc.pow(2).sum(-1)[:, None] + e2[None]).add_(xy)
+        del xy
+        out[start:start + chunk_size] = dist_.clamp_(min=1e-8).sqrt_().argmin(-1)
     return out
 
 

@@ -1,0 +1,96 @@
+"""Shared benchmark plumbing: each configuration runs in a fresh subprocess (the script re-invoked with
+a hidden `--only CONFIG`) so one's allocations cannot hide or inflate another's memory numbers.
+
+Peak memory = peak resident memory (RSS) increase during the timed calls: RSS just before timing is
+subtracted from the kernel's peak counter (VmHWM), which is reset first via /proc/self/clear_refs;
+elsewhere it falls back to the growth of getrusage's ru_maxrss, which can read 0.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable
+
+
+def make_logger(prefix: str) -> Callable[[str], None]:
+    return lambda msg: print(f"[{prefix}] {msg}", file=sys.stderr, flush=True)
+
+
+def _maxrss_mib() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r / 2**20 if sys.platform == "darwin" else r / 1024  # bytes on macOS, KiB on Linux
+
+
+def _proc_status_mib(field: str) -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets the peak RSS (VmHWM) to the current RSS
+        return True
+    except OSError:
+        return False
+
+
+def measure(step: Callable[[], object], *, name: str, warmup: int, repeats: int, log) -> dict:
+    """Time `repeats` calls of `step` after `warmup` untimed ones; wall and process CPU time, peak RSS."""
+    import torch
+
+    for _ in range(warmup):
+        step()
+    gc.collect()
+    rss_before, maxrss_before = _proc_status_mib("VmRSS"), _maxrss_mib()
+    reset = rss_before is not None and _reset_peak_rss()
+    times, cpu_times = [], []
+    for i in range(repeats):
+        t0, c0 = time.perf_counter(), time.process_time()
+        out = step()
+        times.append(time.perf_counter() - t0)
+        cpu_times.append(time.process_time() - c0)
+        del out
+        log(f"{name}: repeat {i + 1}/{repeats} {times[-1]:.2f}s")
+    hwm = _proc_status_mib("VmHWM") if reset else None
+    return {"config": name, "median_s": statistics.median(times), "mean_s": statistics.mean(times), "times_s": times,
+            "median_cpu_s": statistics.median(cpu_times),  # process CPU time: less sensitive to other load
+            "peak_rss_growth_mib": hwm - rss_before if hwm is not None else _maxrss_mib() - maxrss_before,
+            "peak_rss_method": "VmHWM-reset" if reset else "ru_maxrss-delta",
+            "total_peak_rss_mib": _maxrss_mib(), "threads": torch.get_num_threads()}
+
+
+def run_worker(args, run_config: Callable, run_check: Callable) -> bool:
+    """In a `--only` subprocess: run one configuration, print its JSON line, return True."""
+    if not args.only:
+        return False
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(json.dumps(run_check(args) if args.only == "check" else run_config(args.only, args)), flush=True)
+    return True
+
+
+def run_all(script: str, names, passthrough: list[str], log) -> dict:
+    """Run every configuration (and "check") in its own subprocess; collect their JSON lines."""
+    results = {}
+    for name in (*names, "check"):
+        log(f"running {name} in a subprocess")
+        proc = subprocess.run([sys.executable, script, *passthrough, f"--only={name}"], stdout=subprocess.PIPE, text=True)
+        if proc.returncode:
+            sys.exit(f"{name} failed with exit code {proc.returncode}")
+        results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return results
