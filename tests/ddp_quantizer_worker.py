@@ -13,7 +13,8 @@ from vistok.tokenizers.quantizers import ResidualQuantizer
 
 
 def main(out_dir: str) -> None:
-    torch.manual_seed(0)  # same init on every rank
+    rank = int(__import__("os").environ["RANK"])
+    torch.manual_seed(rank)  # different random init per rank: the first step must adopt rank 0's
     quantizers = {  # "none" first: the test rebuilds it from seed 0 in a single process
         "none": ResidualQuantizer(dim=8, codebook_size=32, depth=3, restart="none"),
         "ema": ResidualQuantizer(dim=8, codebook_size=32, depth=3, restart="ema"),
@@ -21,7 +22,6 @@ def main(out_dir: str) -> None:
                                     shared_codebook=False, ema_schedule="per_depth"),
     }
     dist.init_process_group("gloo")
-    rank = dist.get_rank()
     for step in range(6):
         g = torch.Generator().manual_seed(1000 * step + rank)  # different data on each rank
         x = torch.randn(50 + 10 * rank, 8, generator=g) * (1 + rank)

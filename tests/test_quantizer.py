@@ -178,9 +178,14 @@ def test_state_survives_safetensors_and_stays_fp32(tmp_path):
     fresh = ResidualQuantizer(dim=8, codebook_size=16, depth=4, shared_codebook=True)
     load_model(fresh, str(tmp_path / "q.safetensors"))
     assert all(torch.equal(a, b) for a, b in zip(q.state_dict().values(), fresh.state_dict().values()))
+    x = torch.randn(64, 8).bfloat16()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = q(torch.randn(64, 8).bfloat16())
-    assert out.quantized.dtype == torch.float32 and q.embed.dtype == torch.float32
+        q(x)  # a training step: EMA runs in fp32
+        out = q.eval()(x)
+    # the search ran in fp32: same ids as an fp32 call on the same values; output in the caller's dtype
+    assert q.embed.dtype == torch.float32 and out.quantized.dtype == torch.bfloat16
+    assert torch.equal(out.ids, q(x.float()).ids)
+    q.train()
     q.to(torch.bfloat16)
     assert {b.dtype for b in q.buffers() if b.is_floating_point()} == {torch.float32}
 
@@ -199,3 +204,39 @@ def test_kmeans_init_and_rotation_trick():
     torch.testing.assert_close(out.quantized, rot.decode(out.ids), rtol=1e-5, atol=1e-5)
     out.quantized.sum().backward()
     assert not torch.allclose(x.grad, torch.ones_like(x))  # not the identity gradient of plain STE
+
+
+def test_unused_rule_counts_steps_not_depth_calls_and_stays_bounded():
+    torch.manual_seed(0)
+    q = ResidualQuantizer(dim=4, codebook_size=16, depth=4, restart="unused", restart_unused_steps=5,
+                          ema_schedule="per_depth").train()
+    assert q.cluster_size.min() == 1.0  # only the "ema" rule starts counts at 0
+    for _ in range(2):
+        q(torch.randn(8, 4) * 0.1)  # few tokens: most codes unused
+    assert int(q.steps_unused.max()) == 2  # two steps, not 2 x depth calls
+    assert q.embed.norm(dim=-1).max() < 10  # no 1/eps blow-up of unused codes
+
+
+def test_dead_code_stat_reports_codes_found_dead_before_replacement():
+    stats = usage_after("ema", steps=1)
+    assert stats.dead_codes[0] == stats.restarts_last_step > 0
+    none = usage_after("none", steps=3)
+    assert none.dead_codes[0] > 0 and none.restarts_total == 0  # reported, not replaced
+
+
+def test_kmeans_fits_each_depth_on_its_own_residual():
+    torch.manual_seed(0)
+    q = ResidualQuantizer(dim=4, codebook_size=8, depth=2, shared_codebook=False, kmeans_init=True,
+                          restart="none").train()
+    q(torch.randn(512, 4) * 5)
+    assert bool(q.initted.all())
+    # depth 1 is fitted on residuals, which are smaller than depth 0's inputs (sharing one fit made them equal)
+    assert not torch.allclose(q.embed[0], q.embed[1])
+    assert q.embed[1].norm(dim=-1).mean() < 0.8 * q.embed[0].norm(dim=-1).mean()
+
+
+def test_empty_training_batch_is_a_clear_error():
+    q = ResidualQuantizer(dim=4, codebook_size=8).train()
+    with pytest.raises(ValueError, match="at least one token"):
+        q(torch.zeros(0, 4))
+    assert q.eval()(torch.zeros(0, 4)).ids.shape == (0, 1)

@@ -11,9 +11,10 @@ What DualToken's code does (RQ-VAE lineage, reference/dualtoken.md section 2.4),
 - quantization in fp32 under autocast, buffers that stay fp32.
 
 vector-quantize-pytorch supplies k-means init and the rotation trick. Its ResidualVQ is the reference
-for the search in tests and benchmarks. It is not the engine here because its shared-codebook EMA
-applies the decay once per depth, starts counts at 1, has no unused-steps rule, caches its
-distributed check at construction and materialises several tokens x codes matrices per call.
+for the search in tests and benchmarks. It is not the engine here: with a shared codebook it mixes
+per-layer EMA steps, one renormalisation at the end and expiries at every layer (neither of
+DualToken's two schedules), starts counts at 1, has no unused-steps rule, caches its distributed
+check at construction and materialises several tokens x codes matrices per call.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ class QuantizerOutput:
 class QuantizerStats:
     usage: list[float]  # per depth: fraction of the codebook hit within the last `usage_window` steps
     perplexity: list[float]  # per depth: exp(entropy) of the last training batch's code histogram
-    dead_codes: list[int]  # per codebook: codes the restart rule currently marks dead
+    dead_codes: list[int]  # per codebook: codes the rule found dead in the last step, before replacement
     restarts_last_step: int
     restarts_total: int
     steps: int
@@ -59,8 +60,9 @@ def nearest_code(x: torch.Tensor, codebook: torch.Tensor, chunk_size: int) -> to
     """argmin_j ||x_i - e_j|| for rows of x (N, d) against codebook (K, d), `chunk_size` rows at a time.
 
     The distance is computed with the same expression and op order as vector-quantize-pytorch
-    (sqrt(clamp(|x|^2 + |e|^2 - 2 x.e, 1e-8))), so ids match it exactly; extra memory is
-    O(chunk_size x K) instead of several N x K matrices plus an N x K one-hot.
+    (sqrt(clamp(|x|^2 + |e|^2 - 2 x.e, 1e-8))), so ids match it (only at float near-ties can a
+    different matmul blocking flip one); extra memory is O(chunk_size x K) instead of several N x K
+    matrices plus an N x K one-hot.
     """
     e2 = codebook.pow(2).sum(-1)
     out = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
@@ -84,7 +86,7 @@ class ResidualQuantizer(nn.Module):
     MSE(z, sg(prefix sum))) or "per_depth" (the library's: each depth's input vs its code, summed);
     ema_schedule: "per_step" (one EMA update per forward from all depths, DualToken's "rq_ema") or
     "per_depth" (update after each depth, DualToken's pixel "rq"); initial_cluster_size: EMA counts at
-    the start (None: 0 as DualToken with a restart rule, 1 without one); sync_codebook: None decides at
+    the start (None: 0 as DualToken with the "ema" rule, else 1); sync_codebook: None decides at
     every call (not cached) whether to all-reduce across ranks.
 
     Under DDP, every rank must run every training-mode forward of this module: the EMA statistics and
@@ -141,10 +143,10 @@ class ResidualQuantizer(nn.Module):
         self.register_buffer("embed", embed)
         self.register_buffer("embed_avg", embed.clone())
         if initial_cluster_size is None:
-            # DualToken starts counts at 0: with a restart rule the first step re-seeds nearly every code
-            # from data. Without one, unused codes would be divided by ~eps in the Laplace smoothing and
-            # grow without bound, so start at 1 as vector-quantize-pytorch does.
-            initial_cluster_size = 0.0 if restart != "none" else 1.0
+            # DualToken starts counts at 0: its EMA-count rule then re-seeds nearly every code from data
+            # at step 1. Any other rule would leave unused codes divided by ~eps in the Laplace
+            # smoothing (growing without bound), so start at 1 as vector-quantize-pytorch does.
+            initial_cluster_size = 0.0 if restart == "ema" else 1.0
         self.register_buffer("cluster_size", torch.full((books, codebook_size), float(initial_cluster_size)))
         self.register_buffer("steps_unused", torch.zeros(books, codebook_size, dtype=torch.long))
         self.register_buffer("last_used", torch.full((depth, codebook_size), -(1 << 40), dtype=torch.long))
@@ -152,7 +154,10 @@ class ResidualQuantizer(nn.Module):
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         self.register_buffer("restarts_total", torch.zeros((), dtype=torch.long))
         self.register_buffer("restarts_last", torch.zeros((), dtype=torch.long))
-        self.register_buffer("initted", torch.tensor(not kmeans_init))
+        self.register_buffer("initted", torch.full((books,), not kmeans_init))
+        self.register_buffer("dead_last", torch.zeros(books, dtype=torch.long))
+        self.register_buffer("_hit", torch.zeros(books, codebook_size, dtype=torch.bool), persistent=False)
+        self._ranks_synced = False
 
     # ------------------------------------------------------------------ dtype policy
     def _apply(self, fn, recurse=True):
@@ -180,12 +185,15 @@ class ResidualQuantizer(nn.Module):
             z = self.project_in(x.float().reshape(-1, self.dim))
             update = self.training  # EMA and restarts happen in every training-mode forward
             if update:
-                self.restarts_last.zero_()
-            if update and not bool(self.initted):
-                self._kmeans_init(z.detach())
+                if z.shape[0] == 0:
+                    raise ValueError("a training-mode forward needs at least one token (EMA statistics and "
+                                     "restarts); under DDP every rank must contribute")
+                self._start_step()
             residual = z.detach()
             ids, codes, inputs = [], [], []
             for d in range(self.depth):
+                if update and not bool(self.initted[self.book_of(d)]):
+                    self._kmeans_init(self.book_of(d), residual)  # each codebook on its own depth's residual
                 book = self.embed[self.book_of(d)]
                 idx = nearest_code(residual, book, self.search_chunk_size)
                 inputs.append(residual)
@@ -198,7 +206,7 @@ class ResidualQuantizer(nn.Module):
             if update and self.ema_schedule == "per_step":
                 self._update(list(zip(range(self.depth), inputs, ids)))
             if update:
-                self._record_usage(ids)
+                self._end_step(ids)
             prefix = torch.stack(codes).cumsum(0)  # (depth, N, c): sum of the first d+1 codes
             per_depth = ((z[None] - prefix) ** 2).mean(dim=(1, 2))  # gradient to z only
             loss = per_depth.mean() if self.commitment == "cumulative" else per_depth.sum()
@@ -209,7 +217,7 @@ class ResidualQuantizer(nn.Module):
                 zq = rotate_to(z, total)
             else:
                 zq = z + (total - z).detach()
-            out = self.project_out(zq)
+            out = self.project_out(zq).to(x.dtype)  # fp32 inside; the caller's dtype outside
         return QuantizerOutput(out.reshape(*lead, self.dim), torch.stack(ids, -1).reshape(*lead, self.depth),
                                loss * self.commitment_weight, per_depth.detach())
 
@@ -244,21 +252,21 @@ class ResidualQuantizer(nn.Module):
             n = self.cluster_size[b].sum()
             smoothed = (self.cluster_size[b] + self.eps) / (n + k * self.eps) * n
             self.embed[b].copy_(self.embed_avg[b] / smoothed[:, None])
-            self.steps_unused[b] = torch.where(counts[j] > 0, torch.zeros_like(self.steps_unused[b]),
-                                               self.steps_unused[b] + 1)
+            self._hit[b] |= counts[j] > 0
             self._restart(b, torch.cat(pools[b]))
 
     def dead_mask(self, book: int) -> torch.Tensor:
         if self.restart == "ema":
             return self.cluster_size[book] < self.restart_threshold
-        if self.restart == "unused":
-            return self.steps_unused[book] >= self.restart_unused_steps
-        return torch.zeros(self.codebook_size, dtype=torch.bool, device=self.embed.device)
+        if self.restart == "unused":  # not hit in this step, and this step completes N unused steps
+            return ~self._hit[book] & (self.steps_unused[book] + 1 >= self.restart_unused_steps)
+        return self.cluster_size[book] < self.restart_threshold  # "none": reported only, never replaced
 
     def _restart(self, book: int, pool: torch.Tensor) -> None:
         dead = self.dead_mask(book)
         n_dead = int(dead.sum())
-        if n_dead == 0:
+        self.dead_last[book] = n_dead
+        if n_dead == 0 or self.restart == "none":
             return
         # rank 0 draws from its batch and broadcasts, so every rank replaces the same codes identically
         if pool.shape[0] >= n_dead:
@@ -271,12 +279,23 @@ class ResidualQuantizer(nn.Module):
         self.embed[book][dead] = picks
         self.embed_avg[book][dead] = picks * reset
         self.cluster_size[book][dead] = reset
-        self.steps_unused[book][dead] = 0
+        self._hit[book] |= dead  # a replaced code starts its unused count afresh
         self.restarts_last += n_dead
         self.restarts_total += n_dead
 
     @torch.no_grad()
-    def _record_usage(self, ids: list[torch.Tensor]) -> None:
+    def _start_step(self) -> None:
+        self.restarts_last.zero_()
+        self._hit.zero_()
+        if not self._ranks_synced and _distributed(self.sync_codebook):
+            # ranks may have been seeded differently: start every rank from rank 0's codebook
+            for t in (self.embed, self.embed_avg, self.cluster_size):
+                dist.broadcast(t, src=0)
+        self._ranks_synced = True
+
+    @torch.no_grad()
+    def _end_step(self, ids: list[torch.Tensor]) -> None:
+        self.steps_unused.copy_(torch.where(self._hit, torch.zeros_like(self.steps_unused), self.steps_unused + 1))
         self.step += 1
         for d, idx in enumerate(ids):
             counts = torch.bincount(idx, minlength=self.codebook_size).float()
@@ -285,7 +304,8 @@ class ResidualQuantizer(nn.Module):
             self.last_used[d][counts > 0] = self.step
 
     @torch.no_grad()
-    def _kmeans_init(self, z: torch.Tensor) -> None:
+    def _kmeans_init(self, book: int, z: torch.Tensor) -> None:
+        """k-means (the library's) on rank 0's input to this codebook, broadcast to every rank."""
         from vector_quantize_pytorch.vector_quantize_pytorch import kmeans
 
         if not _distributed(self.sync_codebook) or dist.get_rank() == 0:
@@ -294,10 +314,11 @@ class ResidualQuantizer(nn.Module):
         else:
             init = torch.empty(self.codebook_size, self.codebook_dim, device=z.device)
         init = self._broadcast(init.contiguous())
-        self.embed.copy_(init.expand_as(self.embed))
-        self.embed_avg.copy_(self.embed * max(self.restart_threshold, 1.0))
-        self.cluster_size.fill_(max(self.restart_threshold, 1.0))
-        self.initted.fill_(True)
+        count = max(self.restart_threshold, 1.0)
+        self.embed[book] = init
+        self.embed_avg[book] = init * count
+        self.cluster_size[book] = count
+        self.initted[book] = True
 
     # ------------------------------------------------------------------ encode / decode from ids
     @torch.no_grad()
@@ -325,7 +346,8 @@ class ResidualQuantizer(nn.Module):
         return codes if per_depth else codes.sum(0)
 
     def decode(self, ids: torch.Tensor) -> torch.Tensor:
-        """ids (..., k) -> quantized vectors (..., dim) from the first k depths (eval forward's output)."""
+        """ids (..., k) -> quantized vectors (..., dim) from the first k depths: the eval forward's
+        output up to float rounding (the forward computes z + (codes - z))."""
         return self.project_out(self.codes_from_ids(ids))
 
     # ------------------------------------------------------------------ statistics
@@ -335,8 +357,7 @@ class ResidualQuantizer(nn.Module):
         usage = ((step - self.last_used) < self.usage_window).float().mean(1).tolist()
         probs = self.last_counts / self.last_counts.sum(1, keepdim=True).clamp_min(1)
         entropy = -(probs * probs.clamp_min(1e-12).log()).sum(1)
-        books = 1 if self.shared_codebook else self.depth
         return QuantizerStats(usage=usage, perplexity=entropy.exp().tolist(),
-                              dead_codes=[int(self.dead_mask(b).sum()) for b in range(books)],
+                              dead_codes=self.dead_last.tolist(),
                               restarts_last_step=int(self.restarts_last), restarts_total=int(self.restarts_total),
                               steps=step)
