@@ -8,6 +8,7 @@ elsewhere it falls back to the growth of getrusage's ru_maxrss, which can read 0
 
 from __future__ import annotations
 
+import argparse
 import gc
 import json
 import resource
@@ -84,8 +85,22 @@ def run_worker(args, run_config: Callable, run_check: Callable) -> bool:
     return True
 
 
-def run_all(script: str, names, passthrough: list[str], log) -> dict:
-    """Run every configuration (and "check") in its own subprocess; collect their JSON lines."""
+def parse_args(ap, configs) -> "argparse.Namespace":
+    """Add the options every benchmark has (warmup, repeats, threads, the hidden --only) and parse."""
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    ap.add_argument("--only", choices=(*configs, "check"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.repeats < 1 or args.warmup < 0:
+        ap.error("--repeats must be >= 1 and --warmup >= 0")
+    return args
+
+
+def run_all(script: str, names, args, log) -> dict:
+    """Run every configuration (and "check") in its own subprocess with the same options; collect
+    their JSON lines."""
+    passthrough = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k != "only" and v is not None]
     results = {}
     for name in (*names, "check"):
         log(f"running {name} in a subprocess")

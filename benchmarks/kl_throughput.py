@@ -30,7 +30,7 @@ import argparse
 import json
 import tempfile
 
-from _harness import make_logger, measure, run_all, run_worker
+from _harness import make_logger, measure, parse_args, run_all, run_worker
 
 CONFIGS = ("vistok-fp32", "vistok-bf16", "diffusers-fp32", "diffusers-bf16")
 SEED = 0
@@ -103,24 +103,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--resolution", type=int, default=256)
-    ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    ap.add_argument("--only", choices=CONFIGS + ("check",), help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.repeats < 1 or args.warmup < 0:
-        ap.error("--repeats must be >= 1 and --warmup >= 0")
+    args = parse_args(ap, CONFIGS)
 
     if run_worker(args, run_config, run_check):  # a `--only` subprocess
         return
 
     import torch
 
-    passthrough = [f"--batch-size={args.batch_size}", f"--resolution={args.resolution}",
-                   f"--warmup={args.warmup}", f"--repeats={args.repeats}"]
-    if args.threads:
-        passthrough.append(f"--threads={args.threads}")
-    results = run_all(__file__, CONFIGS, passthrough, log)
+    results = run_all(__file__, CONFIGS, args, log)
     check = results.pop("check")
 
     print(f"{'impl':<10} {'precision':<9} {'images/s':>9} {'peak MiB':>9} {'total peak MiB':>15}")

@@ -34,7 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from _harness import make_logger, measure, run_all, run_worker
+from _harness import make_logger, measure, parse_args, run_all, run_worker
 
 CONFIGS = ("vistok", "library")
 SEED = 0
@@ -112,24 +112,14 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=32)
     ap.add_argument("--codebook-size", type=int, default=16384)
     ap.add_argument("--depth", type=int, default=8)
-    ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    ap.add_argument("--only", choices=CONFIGS + ("check",), help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.repeats < 1 or args.warmup < 0:
-        ap.error("--repeats must be >= 1 and --warmup >= 0")
+    args = parse_args(ap, CONFIGS)
 
     if run_worker(args, run_config, run_check):  # a `--only` subprocess
         return
 
     import torch
 
-    passthrough = [f"--tokens={args.tokens}", f"--dim={args.dim}", f"--codebook-size={args.codebook_size}",
-                   f"--depth={args.depth}", f"--warmup={args.warmup}", f"--repeats={args.repeats}"]
-    if args.threads:
-        passthrough.append(f"--threads={args.threads}")
-    results = run_all(__file__, CONFIGS, passthrough, log)
+    results = run_all(__file__, CONFIGS, args, log)
     check = results.pop("check")
     v, lib = results["vistok"], results["library"]
 
