@@ -132,6 +132,8 @@ def test_preprocess_paths_pil_and_arrays(tiny_kl, image_dir):
         tiny_kl.preprocess([bad])
     with pytest.raises(ValueError, match="too small: 8x8"):
         tiny_kl.preprocess([Image.new("RGB", (8, 8))])
+    with pytest.raises(ValueError, match="straight to tok.encode"):
+        tiny_kl.preprocess(torch.zeros(1, 3, 32, 32))
 
 
 def test_adm_center_crop_matches_adm_reference():
@@ -202,5 +204,7 @@ def test_kl_rejects_non_identity_normalisation():
 def test_token_layout_rejects_mismatched_grids():
     books = {"a": CodebookSpec(size=4), "b": CodebookSpec(size=4)}
     layout = TokenLayout.from_codebooks(books, text_vocab_size=10)
+    with pytest.raises(ValueError, match="integer tensor"):
+        layout.to_llm_ids({"a": torch.ones(1, 2, 2, 1) * 1.5, "b": torch.zeros(1, 2, 2, 1, dtype=torch.long)})
     with pytest.raises(ValueError, match="different"):
         layout.to_llm_ids({"a": torch.zeros(1, 2, 2, 1, dtype=torch.long), "b": torch.zeros(1, 3, 3, 1, dtype=torch.long)})

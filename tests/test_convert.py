@@ -104,3 +104,7 @@ def test_cli_convert_reports_one_line_error(tmp_path, mar_sd):
     assert "Traceback" not in res.output
     res = runner.invoke(main, ["convert", "mar-kl16", str(tmp_path / "nope.ckpt"), str(tmp_path / "o")])
     assert res.exit_code == 1 and "checkpoint not found" in res.stderr
+    bad = tmp_path / "kl16.safetensors"
+    bad.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}")
+    res = runner.invoke(main, ["convert", "mar-kl16", str(bad), str(tmp_path / "o")])
+    assert res.exit_code == 1 and "cannot read checkpoint" in res.stderr and "Traceback" not in res.output

@@ -51,3 +51,10 @@ def test_mar_config_matches_reference_sheet():
     assert cfg["block_out_channels"] == [128, 128, 256, 256, 512]
     assert cfg["latent_channels"] == 16 and cfg["scaling_factor"] == 0.2325
     assert kl_diffusers_config(vistok.create_tokenizer("ldm-kl-f16"))["up_block_types"][0] == "AttnUpDecoderBlock2D"
+
+
+def test_export_refuses_what_diffusers_cannot_express(tmp_path):
+    tok = vistok.create_tokenizer("tiny-kl", z_channels=8)
+    with pytest.raises(ValueError, match="z_channels == embed_dim"):
+        export_diffusers(tok, tmp_path / "d")
+    assert not (tmp_path / "d").exists()

@@ -34,9 +34,22 @@ def test_cosine_schedule_equals_closed_form():
         assert d.alphas_cumprod[i].item() == pytest.approx(alpha_bar((i + 1) / 1000) / alpha_bar(0), rel=1e-9)
 
 
+def adm_space_timesteps(num_timesteps, count):  # guided-diffusion's space_timesteps, one section
+    frac_stride, cur, taken = (num_timesteps - 1) / (count - 1), 0.0, []
+    for _ in range(count):
+        taken.append(round(cur))
+        cur += frac_stride
+    return sorted(set(taken))
+
+
 def test_respacing_keeps_the_marginals_of_the_used_steps():
     use = respaced_timesteps(1000, 100)
-    assert use == [round(i * 999 / 99) for i in range(100)] and use[0] == 0 and use[-1] == 999
+    assert use[0] == 0 and use[-1] == 999 and len(use) == 100
+    for count in (2, 21, 50, 100, 250, 1000):
+        assert respaced_timesteps(1000, count) == adm_space_timesteps(1000, count)
+    assert 499 in respaced_timesteps(1000, 21)  # where round(i * stride) would give 500
+    with pytest.raises(ValueError, match="num_steps"):
+        respaced_timesteps(1000, 1)
     base, spaced = GaussianDiffusion.cosine(1000), GaussianDiffusion.cosine(1000, 100)
     assert spaced.num_timesteps == 100 and spaced.timestep_map.tolist() == use
     torch.testing.assert_close(spaced.alphas_cumprod, base.alphas_cumprod[use], rtol=1e-10, atol=0)

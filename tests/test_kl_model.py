@@ -56,7 +56,7 @@ def test_sample_uses_generator_and_has_posterior_statistics():
     assert abs(a.mean().item() - 2.0) < 0.05 and abs(a.std().item() - 0.5) < 0.05
 
 
-def test_encode_latents_are_scaled_posterior(tiny_kl):
+def test_encode_latents_are_scaled_posterior():
     tok = vistok.create_tokenizer("tiny-kl", scaling_factor=0.25).eval()
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     with torch.no_grad():
@@ -119,3 +119,30 @@ def test_channels_last_fast_path_gives_same_contiguous_outputs():
     torch.testing.assert_close(outs[True][0], outs[False][0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(outs[True][1], outs[False][1], rtol=1e-5, atol=1e-5)
     assert outs[True][1].is_contiguous() and "channels_last" not in tok.config
+
+
+def test_sample_with_a_generator_on_another_device():
+    from vistok import rng
+
+    g = torch.Generator().manual_seed(0)
+    post = DiagonalGaussian(torch.zeros(1, 2, 3, 3, device="meta"), torch.zeros(1, 2, 3, 3, device="meta"))
+    assert post.sample(g).device.type == "meta"  # a CPU generator drives tensors elsewhere
+    a = rng.randn((4, 5), generator=torch.Generator().manual_seed(1), device="cpu")
+    assert torch.equal(a, torch.randn(4, 5, generator=torch.Generator().manual_seed(1)))
+
+
+def test_encode_accepts_other_float_dtypes():
+    tok = vistok.create_tokenizer("tiny-kl").eval()
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        a, b = tok.encode(x).latents, tok.encode(x.double()).latents
+        assert a.dtype == b.dtype == torch.float32 and torch.equal(a, b)
+        assert tok.decode(latents=b.double()).dtype == torch.float32
+
+
+def test_subclass_without_init_keeps_its_config(tmp_path):
+    class MyKL(KLTokenizer):
+        pass
+
+    tok = MyKL(ch=32, ch_mult=(1, 2), encoder_attn_levels=(), norm_groups=8, z_channels=4, embed_dim=4)
+    assert tok.config["ch"] == 32 and tok.config["z_channels"] == 4

@@ -186,8 +186,12 @@ def test_state_survives_safetensors_and_stays_fp32(tmp_path):
     assert q.embed.dtype == torch.float32 and out.quantized.dtype == torch.bfloat16
     assert torch.equal(out.ids, q(x.float()).ids)
     q.train()
+    before = {k: v.clone() for k, v in q.state_dict().items()}
+    q.cluster_size[0, 0] = 1234.567  # not representable in bf16
+    before["cluster_size"][0, 0] = 1234.567
     q.to(torch.bfloat16)
     assert {b.dtype for b in q.buffers() if b.is_floating_point()} == {torch.float32}
+    assert all(torch.equal(before[k], v) for k, v in q.state_dict().items())  # values kept, not round-tripped
 
 
 def test_kmeans_init_and_rotation_trick():

@@ -12,6 +12,7 @@ import click
 from .common import load_model
 from .output import emit
 
+GRID_MAX = 16
 _device_option = click.option("--device", default="cpu", show_default=True, help="torch device")
 _batch_option = click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1))
 
@@ -157,7 +158,8 @@ def decode_cmd(model, file, out_dir, batch_size, device):
 @click.argument("model")
 @click.argument("images", nargs=-1, required=True)
 @click.option("--out-dir", required=True, type=click.Path(file_okay=False))
-@click.option("--grid/--no-grid", default=True, show_default=True, help="also write a side-by-side grid.png")
+@click.option("--grid/--no-grid", default=True, show_default=True,
+              help=f"also write grid.png: original | reconstruction for the first {GRID_MAX} images")
 @_batch_option
 @_device_option
 @click.option("--json", "as_json", is_flag=True, help="JSON output")
@@ -183,7 +185,9 @@ def reconstruct_cmd(model, images, out_dir, grid, batch_size, device, as_json):
             for f, img, e in zip(chunk, pixels_to_pil(recon), mse):
                 img.save(out / f"{f.stem}.png")
                 rows.append({"image": f.name, "psnr": float(-10 * torch.log10(e.clamp_min(1e-10)))})
-            pairs.extend(torch.stack([pixels.cpu(), recon.cpu()], 1).flatten(0, 1))
+            room = GRID_MAX - len(pairs) // 2  # bounded memory however many images are reconstructed
+            if grid and room > 0:
+                pairs.extend(torch.stack([pixels[:room].cpu(), recon[:room].cpu()], 1).flatten(0, 1))
             bar.update(len(chunk))
     if grid:
         pixels_to_pil(make_grid(torch.stack(pairs), nrow=2, padding=2, pad_value=1.0))[0].save(out / "grid.png")

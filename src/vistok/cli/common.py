@@ -16,6 +16,8 @@ def check_device(device: str):
         raise ValueError(f"invalid --device {device!r} (expected cpu, cuda, cuda:N, ...)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: CUDA is not available on this machine")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return dev
 
 

@@ -19,7 +19,10 @@ def read_checkpoint(path: str | Path, *, allowed_globals: Sequence[type] = ()) -
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except Exception as exc:  # safetensors raises its own error type for corrupt files
+            raise ValueError(f"cannot read checkpoint {path}: {exc}") from None
     with open(path, "rb") as f:
         magic = f.read(4)
     if not (magic.startswith(b"PK\x03\x04") or magic[:1] == b"\x80"):  # torch zip archive or legacy pickle

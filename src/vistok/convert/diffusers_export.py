@@ -82,6 +82,11 @@ def kl_to_diffusers_state_dict(tok: KLTokenizer) -> dict[str, torch.Tensor]:
 def export_diffusers(tok: KLTokenizer, dst: str | Path) -> Path:
     if not isinstance(tok, KLTokenizer):
         raise ValueError(f"export-diffusers supports the KL family only, got {type(tok).__name__}")
+    cfg = tok.config
+    if cfg["z_channels"] != cfg["embed_dim"] or cfg["ch_mult"][0] != 1:
+        raise ValueError("diffusers' AutoencoderKL cannot express this KL model: it needs z_channels == "
+                         f"embed_dim (got {cfg['z_channels']}, {cfg['embed_dim']}) and ch_mult[0] == 1 "
+                         f"(got {cfg['ch_mult'][0]})")
     dst = Path(dst)
     with atomic_path(dst / "diffusion_pytorch_model.safetensors") as tmp:
         save_file(kl_to_diffusers_state_dict(tok), str(tmp), metadata={"format": "pt"})

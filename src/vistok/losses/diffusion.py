@@ -20,6 +20,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..rng import randint, randn
+
 
 # ----------------------------------------------------------------------------------- denoiser
 def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -121,13 +123,15 @@ def cosine_betas(num_timesteps: int, max_beta: float = 0.999) -> torch.Tensor:
 
 
 def respaced_timesteps(num_timesteps: int, num_steps: int) -> list[int]:
-    """ADM `space_timesteps(T, str(num_steps))`: evenly strided, rounded, first and last kept."""
-    if not 1 <= num_steps <= num_timesteps:
-        raise ValueError(f"num_steps must be in [1, {num_timesteps}], got {num_steps}")
-    if num_steps == 1:
-        return [0]
+    """ADM `space_timesteps(T, str(num_steps))`: a running float stride, rounded; first and last kept."""
+    if not 2 <= num_steps <= num_timesteps:
+        raise ValueError(f"num_steps must be in [2, {num_timesteps}], got {num_steps}")
     stride = (num_timesteps - 1) / (num_steps - 1)
-    return sorted({round(i * stride) for i in range(num_steps)})
+    steps, position = [], 0.0
+    for _ in range(num_steps):
+        steps.append(round(position))  # ADM accumulates the stride; round(i * stride) differs sometimes
+        position += stride
+    return sorted(set(steps))
 
 
 def _normal_kl(mean1, logvar1, mean2, logvar2):
@@ -257,8 +261,8 @@ class DiffusionHead(nn.Module):
             target, cond = target.repeat(batch_mul, 1), cond.repeat(batch_mul, 1)
             mask = mask.repeat(batch_mul) if mask is not None else None
         n, device = target.shape[0], target.device
-        t = torch.randint(0, self.train_diffusion.num_timesteps, (n,), device=device, generator=generator)
-        noise = torch.randn(target.shape, device=device, dtype=target.dtype, generator=generator)
+        t = randint(self.train_diffusion.num_timesteps, (n,), generator=generator, device=device)
+        noise = randn(target.shape, generator=generator, device=device, dtype=target.dtype)
         xt = self.train_diffusion.q_sample(target, t, noise)
         out = self.net(xt, t, cond)
         eps, v = out.chunk(2, dim=1)
@@ -290,7 +294,7 @@ class DiffusionHead(nn.Module):
         diffusion = GaussianDiffusion.cosine(self.train_diffusion.num_timesteps, num_steps or self.num_sampling_steps)
         n = cond.shape[0] // 2 if guided else cond.shape[0]
         kw = dict(device=cond.device, dtype=cond.dtype, generator=generator)
-        x = torch.randn((n, self.token_dim), **kw)
+        x = randn((n, self.token_dim), **kw)
         tmap = diffusion.timestep_map.to(cond.device)
         for i in reversed(range(diffusion.num_timesteps)):
             t = torch.full((n,), i, device=cond.device, dtype=torch.long)
@@ -302,7 +306,7 @@ class DiffusionHead(nn.Module):
                 out = torch.cat([eps_u + cfg * (eps_c - eps_u), v[:n]], dim=1)  # the cond rows' variance
             mean, logvar, _ = diffusion.p_mean_variance(out, x, t)
             if i > 0:
-                x = mean + torch.exp(0.5 * logvar) * torch.randn(x.shape, **kw) * temperature
+                x = mean + torch.exp(0.5 * logvar) * randn(x.shape, **kw) * temperature
             else:
                 x = mean
         return x

@@ -153,7 +153,8 @@ class VisualTokenizer(nn.Module):
                 raise TypeError(f"{cls.__name__}: {exc}; valid arguments: {valid}") from None
             bound.apply_defaults()
             init(self, *args, **kw)
-            if type(self) is cls:  # the most derived class records its own arguments
+            # the most derived __init__ records its arguments (and a subclass without one inherits these)
+            if type(self) is cls or "_config_args" not in self.__dict__:
                 args_ = {k: _jsonable(v) for k, v in bound.arguments.items() if k != "self"}
                 self._config_args = args_
 
@@ -221,6 +222,9 @@ class VisualTokenizer(nn.Module):
     def preprocess(self, images: ImageLike | Sequence[ImageLike]) -> torch.Tensor:
         """PIL images, HxWx3 uint8 arrays, files or directories -> (B, 3, H, W) in [-1, 1],
         using the preprocessing stored in this tokenizer's config."""
+        if isinstance(images, torch.Tensor):
+            raise ValueError("preprocess takes PIL images, arrays or paths; a pixel tensor in [-1, 1] goes "
+                             "straight to tok.encode")
         if isinstance(images, (str, os.PathLike)) or not isinstance(images, Sequence):
             images = [images]
         cfg = self.preprocess_config
@@ -293,10 +297,11 @@ class VisualTokenizer(nn.Module):
         config = self.release_config()
         if extra:
             config.update(extra)
-        with atomic_path(directory / WEIGHTS_NAME) as tmp:
-            save_model(self, str(tmp), metadata={"format": "pt", "vistok_version": __version__})
-        with atomic_path(directory / CONFIG_NAME) as tmp:
-            tmp.write_text(json.dumps(config, indent=2) + "\n")
+        # both files are complete on disk before either replaces its predecessor; the inner context
+        # exits first, so the weights are swapped in before the config that describes them
+        with atomic_path(directory / CONFIG_NAME) as c_tmp, atomic_path(directory / WEIGHTS_NAME) as w_tmp:
+            save_model(self, str(w_tmp), metadata={"format": "pt", "vistok_version": __version__})
+            c_tmp.write_text(json.dumps(config, indent=2) + "\n")
         return directory
 
     @classmethod

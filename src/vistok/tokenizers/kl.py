@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..images import PreprocessConfig
+from ..rng import randn
 from .base import TokenizerEncoding, VisualTokenizer, register_tokenizer
 
 
@@ -41,7 +42,7 @@ class DiagonalGaussian:
         return torch.exp(self.logvar)
 
     def sample(self, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
+        noise = randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
         return self.mean + self.std * noise
 
     def mode(self) -> torch.Tensor:
@@ -305,7 +306,7 @@ class KLTokenizer(VisualTokenizer):
         """`latent_dist` is the unscaled posterior; `latents` = scaling_factor x (sample or mean).
         `sample` defaults to the config's `sample_latents` (False: the mean, deterministic)."""
         self.validate_pixels(pixels)
-        posterior = self.encode_posterior(pixels)
+        posterior = self.encode_posterior(pixels.to(self.decoder.conv_out.weight.dtype))
         use_sample = self.sample_latents if sample is None else sample
         z = posterior.sample(generator) if use_sample else posterior.mode()
         return TokenizerEncoding(grid=self.grid_for(*pixels.shape[-2:]), latent_dist=posterior,
@@ -316,7 +317,7 @@ class KLTokenizer(VisualTokenizer):
         """Scaled latents (B, embed_dim, h, w) -> images in [-1, 1] (clamped unless `clamp=False`)."""
         if ids is not None:
             raise ValueError("the KL tokenizer is continuous: decode(latents=...) takes latents, not ids")
-        latents = self.validate_latents(latents)
+        latents = self.validate_latents(latents).to(self.decoder.conv_out.weight.dtype)
         images = self.decode_unscaled(latents / self.scaling_factor)
         return images.clamp(-1, 1) if clamp else images
 

@@ -58,6 +58,8 @@ class TokenLayout:
             if name not in ids:
                 raise ValueError(f"ids lack codebook {name!r}; got {sorted(ids)}")
             x = ids[name]
+            if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
+                raise ValueError(f"ids[{name!r}] must be an integer tensor, got {x.dtype}")
             if x.ndim != 4 or x.shape[-1] != self.depths[name]:
                 raise ValueError(f"ids[{name!r}] must be (B, h, w, {self.depths[name]}), got {tuple(x.shape)}")
             if x.numel() and (x.min() < 0 or x.max() >= self.sizes[name]):

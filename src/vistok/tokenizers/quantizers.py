@@ -161,16 +161,16 @@ class ResidualQuantizer(nn.Module):
 
     # ------------------------------------------------------------------ dtype policy
     def _apply(self, fn, recurse=True):
-        """Keep parameters and buffers fp32 whatever `.to(dtype)` says: EMA in bf16 loses the codebook."""
-        super()._apply(fn, recurse)
-        for module in self.modules():
-            for name, p in module._parameters.items():
-                if p is not None and p.is_floating_point() and p.dtype != torch.float32:
-                    p.data = p.data.float()
-            for name, b in module._buffers.items():
-                if b is not None and b.is_floating_point() and b.dtype != torch.float32:
-                    module._buffers[name] = b.float()
-        return self
+        """Let `.to()` / `.cuda()` move this module but never change its floating dtype: EMA
+        statistics or a codebook rounded to bf16 are lost for good."""
+
+        def device_only(t):
+            out = fn(t)
+            if t.is_floating_point() and out.dtype != t.dtype:
+                return t.to(device=out.device)
+            return out
+
+        return super()._apply(device_only, recurse)
 
     def book_of(self, d: int) -> int:
         return 0 if self.shared_codebook else d
@@ -291,7 +291,7 @@ class ResidualQuantizer(nn.Module):
             # ranks may have been seeded differently: start every rank from rank 0's codebook
             for t in (self.embed, self.embed_avg, self.cluster_size):
                 dist.broadcast(t, src=0)
-        self._ranks_synced = True
+            self._ranks_synced = True
 
     @torch.no_grad()
     def _end_step(self, ids: list[torch.Tensor]) -> None:
