@@ -41,6 +41,13 @@ def _inference(fn):
     return wrapper
 
 
+def _decode_rows(tok, tensors, rows, device):
+    """Decode rows of an encode file's tensors: `latents`, or `ids.<codebook>` for discrete families."""
+    if "latents" in tensors:
+        return tok.decode(latents=tensors["latents"][rows].to(device))
+    return tok.decode(ids={k[4:]: v[rows].to(device) for k, v in tensors.items() if k.startswith("ids.")})
+
+
 def _image_files(images, reserved=()):
     """Expand IMAGES; outputs are named by file stem, so duplicate stems are refused up front."""
     from ..images import list_image_files
@@ -130,24 +137,17 @@ def decode_cmd(model, file, out_dir, batch_size, device):
                          f"{tok.family} model")
     names = [Path(p).stem for p in json.loads(meta.get("files", "[]"))]
     n = next(iter(tensors.values())).shape[0]
-    try:  # fail before any output is written if the tokens do not fit this model
-        if "latents" in tensors:
-            tok.validate_latents(tensors["latents"][:1])
-        else:
-            tok.decode(ids={k[4:]: v[:1].to(device) for k, v in tensors.items() if k.startswith("ids.")})
+    batches = [slice(start, start + batch_size) for start in range(0, n, batch_size)]
+    try:  # the first batch fails before any output is written if the tokens do not fit this model
+        first = _decode_rows(tok, tensors, batches[0], device)
     except ValueError as exc:
         raise ValueError(f"{file} (encoded with {source}) does not fit {model}: {exc}") from None
     names = names if len(names) == n else [f"{i:06d}" for i in range(n)]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with _progress(n, "decode") as bar:
-        for start in range(0, n, batch_size):
-            sl = slice(start, start + batch_size)
-            if "latents" in tensors:
-                images = tok.decode(latents=tensors["latents"][sl].to(device))
-            else:
-                ids = {k[4:]: v[sl].to(device) for k, v in tensors.items() if k.startswith("ids.")}
-                images = tok.decode(ids=ids)
+        for i, sl in enumerate(batches):
+            images = first if i == 0 else _decode_rows(tok, tensors, sl, device)
             for name, img in zip(names[sl], pixels_to_pil(images)):
                 img.save(out / f"{name}.png")
             bar.update(images.shape[0])

@@ -177,6 +177,15 @@ class GaussianDiffusion:
             torch.cat([self.posterior_variance[1:2], self.posterior_variance[1:]]))
         self.posterior_mean_coef1 = self.betas * acp.sqrt() / (1.0 - ac)
         self.posterior_mean_coef2 = (1.0 - acp) * alphas.sqrt() / (1.0 - ac)
+        self.log_betas = torch.log(self.betas)
+
+    def to(self, device) -> "GaussianDiffusion":
+        """Move every table (float64) to `device`, so lookups during a loss or a sampling loop do not
+        copy tables from the host at every step."""
+        for name, value in vars(self).items():
+            if isinstance(value, torch.Tensor):
+                setattr(self, name, value.to(device))
+        return self
 
     @classmethod
     def cosine(cls, num_timesteps: int = 1000, num_steps: Optional[int] = None) -> "GaussianDiffusion":
@@ -204,7 +213,7 @@ class GaussianDiffusion:
         """Model output [eps, v] -> (mean, log-variance, predicted x0) of p(x_{t-1} | x_t)."""
         eps, v = model_output.chunk(2, dim=1)
         min_log = self._at(self.posterior_log_variance_clipped, t, xt)
-        max_log = self._at(torch.log(self.betas), t, xt)
+        max_log = self._at(self.log_betas, t, xt)
         frac = (v + 1) / 2  # v in [-1, 1] interpolates between the two variance bounds
         log_variance = frac * max_log + (1 - frac) * min_log
         x0 = self._at(self.sqrt_recip_alphas_cumprod, t, xt) * xt - self._at(self.sqrt_recipm1_alphas_cumprod, t, xt) * eps
@@ -243,6 +252,16 @@ class DiffusionHead(nn.Module):
                                   grad_checkpointing=grad_checkpointing)
         self.train_diffusion = GaussianDiffusion.cosine(num_timesteps)
         self.num_sampling_steps = num_sampling_steps
+        self._schedules: dict[tuple, GaussianDiffusion] = {}
+
+    def schedule(self, num_steps: Optional[int], device) -> GaussianDiffusion:
+        """The training schedule (num_steps None) or its respacing to `num_steps`, with its tables on
+        `device`; built once per (steps, device)."""
+        key = (num_steps, str(torch.device(device)))
+        if key not in self._schedules:
+            base = self.train_diffusion.num_timesteps
+            self._schedules[key] = GaussianDiffusion.cosine(base, num_steps).to(device)
+        return self._schedules[key]
 
     def _check(self, name: str, x: torch.Tensor, dim: int) -> None:
         if x.ndim != 2 or x.shape[1] != dim:
@@ -261,14 +280,15 @@ class DiffusionHead(nn.Module):
             target, cond = target.repeat(batch_mul, 1), cond.repeat(batch_mul, 1)
             mask = mask.repeat(batch_mul) if mask is not None else None
         n, device = target.shape[0], target.device
-        t = randint(self.train_diffusion.num_timesteps, (n,), generator=generator, device=device)
+        diffusion = self.schedule(None, device)
+        t = randint(diffusion.num_timesteps, (n,), generator=generator, device=device)
         noise = randn(target.shape, generator=generator, device=device, dtype=target.dtype)
-        xt = self.train_diffusion.q_sample(target, t, noise)
+        xt = diffusion.q_sample(target, t, noise)
         out = self.net(xt, t, cond)
         eps, v = out.chunk(2, dim=1)
         mse = (eps - noise).pow(2).mean(1)
         # the VB term trains only the variance: its mean prediction is detached
-        vb = self.train_diffusion.vb_terms(torch.cat([eps.detach(), v], 1), target, xt, t)
+        vb = diffusion.vb_terms(torch.cat([eps.detach(), v], 1), target, xt, t)
         per_row = mse + vb
         if mask is None:
             loss = per_row.mean()
@@ -291,7 +311,7 @@ class DiffusionHead(nn.Module):
         if guided:
             self._check("uncond", uncond, self.cond_dim)
             cond = torch.cat([cond, uncond])
-        diffusion = GaussianDiffusion.cosine(self.train_diffusion.num_timesteps, num_steps or self.num_sampling_steps)
+        diffusion = self.schedule(num_steps or self.num_sampling_steps, cond.device)
         n = cond.shape[0] // 2 if guided else cond.shape[0]
         kw = dict(device=cond.device, dtype=cond.dtype, generator=generator)
         x = randn((n, self.token_dim), **kw)

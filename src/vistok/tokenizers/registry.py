@@ -54,11 +54,9 @@ def create_tokenizer(name: str, **overrides) -> VisualTokenizer:
     preset = get_preset(name)
     cls = tokenizer_class(preset["class"])
     try:
-        tok = cls(**_merge(preset.get("args", {}), overrides))
+        return cls(**_merge(preset.get("args", {}), overrides))
     except TypeError as exc:
         raise ValueError(f"cannot build {name!r}: {exc}") from None
-    tok.preset_name = name
-    return tok
 
 
 def _resolve_hf_hub(spec: str) -> Path:
@@ -96,10 +94,10 @@ def load_tokenizer(path: str | os.PathLike, *, map_location: str = "cpu") -> Vis
     return tok
 
 
-def resolve_tokenizer(spec: str, **overrides) -> VisualTokenizer:
+def resolve_tokenizer(spec: str) -> VisualTokenizer:
     """A directory, `hf-hub:...` or preset name (random weights) -> tokenizer. Used by the CLI."""
     if spec.startswith(HF_HUB_PREFIX) or Path(spec).exists():
         return load_tokenizer(spec)
     if os.sep in spec or "/" in spec or spec.startswith("."):
         raise FileNotFoundError(f"no such release directory: {spec}")
-    return create_tokenizer(spec, **overrides).eval()
+    return create_tokenizer(spec).eval()
