@@ -73,7 +73,7 @@ def test_encode_latents_are_scaled_posterior():
 
 
 def test_attention_block_equals_explicit_softmax_attention():
-    from vistok.tokenizers.kl import AttnBlock
+    from vistok.tokenizers.decoders import AttnBlock
 
     torch.manual_seed(0)
     blk = AttnBlock(16, groups=4)
