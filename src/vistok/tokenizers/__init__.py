@@ -1,12 +1,13 @@
 """Tokenizer families, the base class and the registry. Importing this registers every family."""
 
 from .base import CheckpointMismatchError, CodebookSpec, TokenizerEncoding, VisualTokenizer, register_tokenizer
+from .dualtoken import DualTokenForward, DualTokenTokenizer
 from .kl import DiagonalGaussian, KLTokenizer
 from .layout import TokenLayout
 from .registry import create_tokenizer, list_models, load_tokenizer, resolve_tokenizer
 
 __all__ = [
-    "CheckpointMismatchError", "CodebookSpec", "DiagonalGaussian", "KLTokenizer", "TokenLayout",
+    "CheckpointMismatchError", "CodebookSpec", "DiagonalGaussian", "DualTokenForward", "DualTokenTokenizer", "KLTokenizer", "TokenLayout",
     "TokenizerEncoding", "VisualTokenizer", "create_tokenizer", "list_models", "load_tokenizer",
     "register_tokenizer", "resolve_tokenizer",
 ]

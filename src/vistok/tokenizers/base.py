@@ -194,6 +194,13 @@ class VisualTokenizer(nn.Module):
         return height // self.stride, width // self.stride
 
     # ----------------------------------------------------------------------------- input
+    def check_image_size(self, h: int, w: int) -> None:
+        """Raise ValueError unless an h x w input fits the model (default: multiples of the stride)."""
+        s = self.stride
+        if h < s or w < s or h % s or w % s:
+            raise ValueError(f"image size {h}x{w} does not fit the model's stride {s}: height and width must be "
+                             f"positive multiples of {s} (e.g. {self.preprocess_config.image_size})")
+
     def validate_pixels(self, pixels: Any) -> torch.Tensor:
         """Check the (B, 3, H, W) [-1, 1] float contract; raise ValueError saying what was expected."""
         if not isinstance(pixels, torch.Tensor):
@@ -206,11 +213,7 @@ class VisualTokenizer(nn.Module):
         if not pixels.is_floating_point():
             raise ValueError(f"expected float pixels in [-1, 1], got dtype {pixels.dtype}; "
                              "convert uint8 with x / 127.5 - 1 or use tok.preprocess")
-        h, w = pixels.shape[-2:]
-        s = self.stride
-        if h < s or w < s or h % s or w % s:
-            raise ValueError(f"image size {h}x{w} does not fit the model's stride {s}: height and width must be "
-                             f"positive multiples of {s} (e.g. {self.preprocess_config.image_size})")
+        self.check_image_size(*pixels.shape[-2:])
         if pixels.numel():
             if not torch.isfinite(pixels).all():
                 raise ValueError("pixels contain NaN or Inf")

@@ -1,0 +1,222 @@
+"""The DATA argument of the benchmarks, and loading it in batches.
+
+DATA is one of:
+- a directory: every image file below it (recursive), sorted by relative path;
+- a text file listing image paths, one per line (relative paths are relative to the list file;
+  blank lines and lines starting with `#` are ignored), in the order given;
+- `builtin:photos` (or another `builtin:` name): the held-out scikit-image photo crops.
+
+An image that cannot be read (corrupt, truncated, too small) is skipped and recorded in
+`ImageSet.skipped`, so a benchmark reports how many images it actually scored.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+from PIL import Image
+
+from ..images import list_image_files, load_image
+
+BUILTIN_PREFIX = "builtin:"
+
+
+@dataclass(frozen=True)
+class ImageItem:
+    """One image of DATA: `name` identifies it in outputs (relative path, list entry or crop name)."""
+
+    name: str
+    source: Any  # a Path or a PIL image
+    label: Optional[int] = None  # class index, for ImageFolder trees
+
+
+@dataclass
+class Skipped:
+    name: str
+    reason: str
+
+
+@dataclass
+class ImageSet:
+    spec: str
+    items: list[ImageItem]
+    skipped: list[Skipped] = field(default_factory=list)  # filled while the images are loaded
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+@dataclass
+class Batch:
+    items: list[ImageItem]
+    values: list  # what the transform returned for each item
+
+
+def resolve_images(spec: str, *, limit: Optional[int] = None) -> ImageSet:
+    """DATA -> the images in a fixed order, truncated to the first `limit`."""
+    items = _builtin_items(spec) if spec.startswith(BUILTIN_PREFIX) else _path_items(Path(spec))
+    if limit is not None:
+        if limit < 1:
+            raise ValueError(f"--limit must be at least 1, got {limit}")
+        items = items[:limit]
+    if not items:
+        raise ValueError(f"no image files found in {spec}")
+    return ImageSet(spec, items)
+
+
+def image_folder(root: str | Path, *, limit: Optional[int] = None) -> tuple[list[str], ImageSet]:
+    """An ImageFolder tree (one subfolder per class, sorted) -> (class folder names, labelled images).
+
+    With `limit`, images are taken round-robin over the classes (first image of every class, then
+    the second, ...), so a limited run still covers every class.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"DATA must be an ImageFolder directory (one subfolder per class): {root} "
+                                "is not a directory")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if not classes:
+        raise ValueError(f"{root} has no class subfolders: zero-shot DATA must be an ImageFolder tree "
+                         "(e.g. ImageNet val as val/n01440764/*.JPEG)")
+    per_class = [[ImageItem(p.relative_to(root).as_posix(), p, label)
+                  for p in list_image_files([root / name])] for label, name in enumerate(classes)]
+    items = [item for group in per_class for item in group]
+    if limit is not None:
+        if limit < 1:
+            raise ValueError(f"--limit must be at least 1, got {limit}")
+        longest = max(len(g) for g in per_class)
+        items = [g[i] for i in range(longest) for g in per_class if i < len(g)][:limit]
+    if not items:
+        raise ValueError(f"no image files found in the class folders of {root}")
+    return classes, ImageSet(str(root), items)
+
+
+def _builtin_items(spec: str) -> list[ImageItem]:
+    from ..builtin import resolve_builtin
+
+    return [ImageItem(name, image) for name, image in resolve_builtin(spec)]
+
+
+def _path_items(path: Path) -> list[ImageItem]:
+    if path.is_dir():
+        return [ImageItem(p.relative_to(path).as_posix(), p) for p in list_image_files([path])]
+    if not path.exists():
+        raise FileNotFoundError(f"DATA not found: {path} (expected a directory, a text file of image paths, "
+                                f"or builtin:photos)")
+    return read_file_list(path)
+
+
+def read_file_list(path: Path) -> list[ImageItem]:
+    """A text file with one image path per line; every listed file must exist."""
+    try:
+        lines = path.read_text().splitlines()
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not a text file: DATA must be a directory, a text file listing image "
+                         "paths, or builtin:photos") from None
+    items = []
+    for number, line in enumerate(lines, 1):
+        entry = line.strip()
+        if not entry or entry.startswith("#"):
+            continue
+        file = Path(entry) if Path(entry).is_absolute() else path.parent / entry
+        if not file.is_file():
+            raise FileNotFoundError(f"{path}:{number}: listed image not found: {file}")
+        items.append(ImageItem(entry, file))
+    return items
+
+
+def image_name_stem(name: str) -> str:
+    """The name without its extension (reconstructions are written as PNG under this name)."""
+    path = Path(name)
+    return path.with_suffix("").as_posix() if path.suffix else name
+
+
+def pair_by_name(reference: ImageSet, test: ImageSet) -> list[tuple[ImageItem, ImageItem]]:
+    """Pair two image sets by relative path without extension (a.JPEG pairs with a.png)."""
+    ref, tst = _by_stem(reference), _by_stem(test)
+    only_ref, only_test = sorted(set(ref) - set(tst)), sorted(set(tst) - set(ref))
+    if only_ref or only_test:
+        parts = []
+        if only_ref:
+            parts.append(f"{len(only_ref)} only in {reference.spec}: {_few(only_ref)}")
+        if only_test:
+            parts.append(f"{len(only_test)} only in {test.spec}: {_few(only_test)}")
+        raise ValueError("images are paired by file name (without extension) but some have no partner: "
+                         + "; ".join(parts))
+    return [(ref[key], tst[key]) for key in sorted(ref)]
+
+
+def _by_stem(images: ImageSet) -> dict[str, ImageItem]:
+    out: dict[str, ImageItem] = {}
+    for item in images.items:
+        key = image_name_stem(item.name)
+        if key in out:
+            raise ValueError(f"{images.spec}: {out[key].name} and {item.name} have the same name without "
+                             "extension, so they cannot be paired; rename one")
+        out[key] = item
+    return out
+
+
+def _few(names: Sequence[str], limit: int = 5) -> str:
+    return ", ".join(names[:limit]) + (f", ... (+{len(names) - limit} more)" if len(names) > limit else "")
+
+
+def load_item(item: ImageItem) -> Image.Image:
+    source = item.source
+    return load_image(source) if not isinstance(source, Image.Image) else source.convert("RGB")
+
+
+class _Loading:
+    """Map-style dataset: item -> (item, transformed value or None, error or None)."""
+
+    def __init__(self, items: Sequence, transform: Callable):
+        self.items, self.transform = list(items), transform
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int):
+        item = self.items[index]
+        try:
+            return item, self.transform(item), None
+        except (ValueError, OSError) as exc:  # unreadable, truncated or too small: skip and count
+            return item, None, str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def _as_list(batch):
+    return batch
+
+
+def iter_batches(items: Sequence, transform: Callable, *, skipped: list, batch_size: int = 16, workers: int = 0,
+                 progress: Optional[str] = None) -> Iterator[Batch]:
+    """Apply `transform` to every item (in `workers` processes when > 0) and yield batches in order.
+
+    Items whose transform raises ValueError/OSError are appended to `skipped` as `Skipped` and left
+    out of the batches. `progress` is the label of a progress bar on stderr (None: no bar).
+    """
+    import torch
+    from tqdm import tqdm
+
+    if batch_size < 1:
+        raise ValueError(f"batch size must be at least 1, got {batch_size}")
+    loader = torch.utils.data.DataLoader(_Loading(items, transform), batch_size=batch_size, shuffle=False,
+                                         num_workers=workers, collate_fn=_as_list)
+    with tqdm(total=len(items), desc=progress, unit="img", file=sys.stderr,
+              disable=progress is None or len(items) < 2) as bar:
+        for rows in loader:
+            good = [(item, value) for item, value, error in rows if error is None]
+            for item, _, error in rows:
+                if error is not None:
+                    skipped.append(Skipped(_item_name(item), error))
+            bar.update(len(rows))
+            if good:
+                yield Batch([g[0] for g in good], [g[1] for g in good])
+
+
+def _item_name(item) -> str:
+    if isinstance(item, tuple):  # a (reference, test) pair
+        return " / ".join(_item_name(i) for i in item)
+    return item.name

@@ -1,0 +1,73 @@
+"""Attention projection between a tower's width and a small code dimension (UniTok-style, DualToken).
+
+Down (width -> code dim): `y = Linear(LN(x)) + Attn(LN(x))`, where q/k/v keep the wide dimension
+split into `width / code_dim` heads of `code_dim` channels and the heads are averaged; then
+`y + GeGLU(LN(y))`. Up (code dim -> width): the same with q/k/v projected up and the heads
+concatenated. The key projection has no bias. `causal=True` attends in raster order (DualToken's
+post-quantisation projections), so a token's feature depends only on the codes before it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class GeGluMlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.gate = nn.Linear(dim, hidden)
+        self.value = nn.Linear(dim, hidden)
+        self.out = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.norm(x)
+        return self.out(F.gelu(self.gate(x), approximate="tanh") * self.value(x))
+
+
+class ProjectionAttention(nn.Module):
+    def __init__(self, in_dim: int, out_dim: int, *, causal: bool = False):
+        super().__init__()
+        wide, narrow = max(in_dim, out_dim), min(in_dim, out_dim)
+        if wide % narrow:
+            raise ValueError(f"attention projection needs one dimension to divide the other, got {in_dim} -> {out_dim}")
+        self.num_heads, self.head_dim, self.causal = wide // narrow, narrow, causal
+        self.reduce_heads = in_dim > out_dim
+        self.qkv = nn.Linear(in_dim, 3 * wide, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(wide))
+        self.v_bias = nn.Parameter(torch.zeros(wide))
+        self.proj = nn.Linear(out_dim, out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
+        q, k, v = F.linear(x, self.qkv.weight, bias).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # (B, heads, N, head_dim)
+        y = y.mean(1) if self.reduce_heads else y.transpose(1, 2).reshape(b, n, -1)
+        return self.proj(y)
+
+
+class AttentionProjection(nn.Module):
+    """(B, N, in_dim) -> (B, N, out_dim); see the module docstring."""
+
+    def __init__(self, *, in_dim: int, out_dim: int, causal: bool = False, mlp_ratio: float = 2.0):
+        super().__init__()
+        self.norm = nn.LayerNorm(in_dim)
+        self.linear = nn.Linear(in_dim, out_dim)
+        self.attn = ProjectionAttention(in_dim, out_dim, causal=causal)
+        self.mlp = GeGluMlp(out_dim, int(out_dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x)
+        y = self.linear(h) + self.attn(h)
+        return y + self.mlp(y)
+
+
+def make_projection(kind: str, *, in_dim: int, out_dim: int, causal: bool = False) -> nn.Module:
+    if kind == "attention":
+        return AttentionProjection(in_dim=in_dim, out_dim=out_dim, causal=causal)
+    if kind == "linear":
+        return nn.Linear(in_dim, out_dim)
+    raise ValueError(f"projection must be 'attention' or 'linear', got {kind!r}")
