@@ -57,7 +57,7 @@ class Batch:
 
 def resolve_images(spec: str, *, limit: Optional[int] = None) -> ImageSet:
     """DATA -> the images in a fixed order, truncated to the first `limit`."""
-    items = _builtin_items(spec) if spec.startswith(BUILTIN_PREFIX) else _path_items(Path(spec))
+    items = builtin_items(spec) if spec.startswith(BUILTIN_PREFIX) else _path_items(Path(spec))
     if limit is not None:
         if limit < 1:
             raise ValueError(f"--limit must be at least 1, got {limit}")
@@ -94,7 +94,7 @@ def image_folder(root: str | Path, *, limit: Optional[int] = None) -> tuple[list
     return classes, ImageSet(str(root), items)
 
 
-def _builtin_items(spec: str) -> list[ImageItem]:
+def builtin_items(spec: str) -> list[ImageItem]:
     from ..builtin import resolve_builtin
 
     return [ImageItem(name, image) for name, image in resolve_builtin(spec)]
@@ -167,6 +167,25 @@ def _few(names: Sequence[str], limit: int = 5) -> str:
 def load_item(item: ImageItem) -> Image.Image:
     source = item.source
     return load_image(source) if not isinstance(source, Image.Image) else source.convert("RGB")
+
+
+class Preprocessed:
+    """Picklable transform: item -> the preprocessing `cfg` applied, as a (3, H, W) tensor: uint8, or
+    float in [-1, 1] (the tokenizer input)."""
+
+    def __init__(self, cfg, *, uint8: bool = False):
+        self.cfg, self.uint8 = cfg, uint8
+
+    def __call__(self, item: ImageItem):
+        import numpy as np
+        import torch
+
+        from ..images import pil_to_pixels, preprocess_image
+
+        image = preprocess_image(load_item(item), self.cfg, name=item.name)
+        if not self.uint8:
+            return pil_to_pixels(image)
+        return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
 
 
 class _Loading:

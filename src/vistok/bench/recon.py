@@ -16,8 +16,8 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from ..images import PreprocessConfig, preprocess_image, to_uint8
-from .data import ImageSet, Skipped, image_name_stem, iter_batches, load_item, pair_by_name
+from ..images import PreprocessConfig, to_uint8
+from .data import ImageSet, Preprocessed, Skipped, image_name_stem, iter_batches, load_item, pair_by_name
 from .metrics import UINT8_RULE
 
 
@@ -55,17 +55,6 @@ def recon_preprocess(tok, resolution: Optional[int] = None) -> PreprocessConfig:
     if resolution < 1:
         raise ValueError(f"--resolution must be positive, got {resolution}")
     return dataclasses.replace(cfg, image_size=resolution, crop="center" if cfg.crop == "none" else cfg.crop)
-
-
-class _UInt8Original:
-    """Picklable transform: item -> preprocessed uint8 (3, H, W) tensor."""
-
-    def __init__(self, cfg: PreprocessConfig):
-        self.cfg = cfg
-
-    def __call__(self, item) -> torch.Tensor:
-        image = preprocess_image(load_item(item), self.cfg, name=item.name)
-        return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
 
 
 def _stack(values: Sequence[torch.Tensor], names: Sequence[str]) -> torch.Tensor:
@@ -118,7 +107,7 @@ def bench_recon(tok, images: ImageSet, metrics: list, *, errors: Optional[dict] 
         _check_output_names(images)
         out.mkdir(parents=True, exist_ok=True)
     count = 0
-    for batch in iter_batches(images.items, _UInt8Original(cfg), skipped=images.skipped, batch_size=batch_size,
+    for batch in iter_batches(images.items, Preprocessed(cfg, uint8=True), skipped=images.skipped, batch_size=batch_size,
                               workers=workers, progress=progress):
         names = [item.name for item in batch.items]
         reference = _stack(batch.values, names).to(device)

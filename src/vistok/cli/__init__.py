@@ -31,8 +31,8 @@ def main():
     """vistok: train, convert, run and benchmark visual tokenizers for multimodal LLMs."""
 
 
-from . import codec, models  # noqa: E402,F401  (registers commands)
+from . import bench, codec, models  # noqa: E402,F401  (registers commands)
 
-for _module in (models, codec):
+for _module in (models, codec, bench):
     for _cmd in _module.COMMANDS:
         main.add_command(_cmd)

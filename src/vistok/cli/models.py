@@ -53,7 +53,7 @@ def info_cmd(model, as_json):
 
 
 @click.command("convert")
-@click.argument("kind", type=click.Choice(["mar-kl16"]), metavar="KIND")
+@click.argument("kind", type=click.Choice(["mar-kl16", "siglip"]), metavar="KIND")
 @click.argument("src", type=click.Path(dir_okay=False))
 @click.argument("dst", type=click.Path(file_okay=False))
 @click.option("--preset", default=None, help="Architecture to load into (default: detected from the keys)")
@@ -65,11 +65,14 @@ def convert_cmd(kind, src, dst, preset, scaling_factor, as_json):
 
     \b
     mar-kl16   MAR kl16.ckpt / LDM kl-f16 (.ckpt, .pt or .safetensors)
+    siglip     open_clip SigLIP weights -> DualToken initialised from them
+               (--preset picks the DualToken preset, default dualtoken-so400m-384)
     """
     from ..convert import CONVERTERS
 
     log(f"converting {src} ({kind}) ...")
-    report = CONVERTERS[kind](src, dst, preset=preset, scaling_factor=scaling_factor)
+    extra = {"scaling_factor": scaling_factor} if scaling_factor is not None else {}
+    report = CONVERTERS[kind](src, dst, preset=preset, **extra)
     emit([report], as_json=as_json)
 
 

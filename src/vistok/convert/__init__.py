@@ -7,8 +7,9 @@ pickled code.
 from .checkpoint_io import read_checkpoint
 from .diffusers_export import export_diffusers, kl_diffusers_config, kl_to_diffusers_state_dict
 from .mar_kl import convert_mar_kl16
+from .siglip import convert_siglip
 
-CONVERTERS = {"mar-kl16": convert_mar_kl16}
+CONVERTERS = {"mar-kl16": convert_mar_kl16, "siglip": convert_siglip}
 
-__all__ = ["CONVERTERS", "convert_mar_kl16", "export_diffusers", "kl_diffusers_config",
+__all__ = ["CONVERTERS", "convert_mar_kl16", "convert_siglip", "export_diffusers", "kl_diffusers_config",
            "kl_to_diffusers_state_dict", "read_checkpoint"]

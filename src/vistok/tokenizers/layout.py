@@ -89,3 +89,34 @@ class TokenLayout:
             out[name] = local.view(x.shape[0], h, w, d)
             col += d
         return out
+
+    # ------------------------------------------------------------------ whole image spans
+    @property
+    def image_start(self) -> int:
+        """The first special token opens an image span (default `<image>`)."""
+        return list(self.specials.values())[0]
+
+    @property
+    def image_end(self) -> int:
+        """The second special token closes it (default `</image>`)."""
+        return list(self.specials.values())[1]
+
+    def to_sequence(self, ids: dict[str, torch.Tensor]) -> torch.Tensor:
+        """{name: (B, h, w, D)} -> (B, 2 + h*w*tokens_per_position): <image> codes </image>."""
+        body = self.to_llm_ids(ids)
+        start = body.new_full((body.shape[0], 1), self.image_start)
+        end = body.new_full((body.shape[0], 1), self.image_end)
+        return torch.cat([start, body, end], dim=1)
+
+    def from_sequence(self, sequence: torch.Tensor, grid: tuple[int, int]) -> dict[str, torch.Tensor]:
+        """Inverse of `to_sequence`; a sequence with a missing or misplaced <image> / </image>, the
+        wrong length, or an id outside its position's code block is rejected with a ValueError."""
+        h, w = grid
+        expected = 2 + h * w * self.tokens_per_position
+        if sequence.ndim != 2 or sequence.shape[1] != expected:
+            raise ValueError(f"expected (B, {expected}) ids (<image>, {h}x{w} positions x {self.tokens_per_position} "
+                             f"codes, </image>), got {tuple(sequence.shape)}")
+        if (sequence[:, 0] != self.image_start).any() or (sequence[:, -1] != self.image_end).any():
+            raise ValueError(f"an image span must start with <image> ({self.image_start}) and end with "
+                             f"</image> ({self.image_end})")
+        return self.from_llm_ids(sequence[:, 1:-1], grid)
