@@ -91,8 +91,9 @@ def _finish(command: str, metrics: list, errors: dict, images: int, skipped: lis
         except ValueError as exc:  # e.g. FID of a single image
             errors[metric.name] = str(exc)
         settings[metric.name] = metric.settings()
-    for name in errors:
+    for name, message in errors.items():
         values[name] = None
+        settings[name] = {"error": message}
     return ScoreResult(command, values, errors, images, skipped, settings)
 
 

@@ -17,7 +17,7 @@ class _Group(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except (ValueError, FileNotFoundError, OSError, NotImplementedError) as exc:
+        except (ValueError, FileNotFoundError, OSError, NotImplementedError, FloatingPointError) as exc:
             if os.environ.get("VISTOK_DEBUG"):
                 raise
             msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -31,8 +31,8 @@ def main():
     """vistok: train, convert, run and benchmark visual tokenizers for multimodal LLMs."""
 
 
-from . import bench, codec, models  # noqa: E402,F401  (registers commands)
+from . import bench, codec, models, train  # noqa: E402,F401  (registers commands)
 
-for _module in (models, codec, bench):
+for _module in (models, codec, train, bench):
     for _cmd in _module.COMMANDS:
         main.add_command(_cmd)

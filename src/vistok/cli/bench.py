@@ -96,15 +96,17 @@ def _pixel_rows(result: dict) -> list[dict]:
     notes = {
         "psnr": "dB, uint8, per image then mean",
         "ssim": "Gaussian 11x11 sigma 1.5, range 255, per channel, per image then mean",
-        "lpips": f"lpips v0.1 {settings.get('lpips', {}).get('net', '')}, per image then mean",
+        "lpips": f"lpips v0.1 {settings.get('lpips', {}).get('net')}, per image then mean",
     }
     rows = []
     for name in ("rfid", "fid", "psnr", "ssim", "lpips"):
         if name not in result:
             continue
-        note = notes.get(name) or f"Inception pool3, {settings.get(name, {}).get('resize', '')} resize to 299"
-        value = result[name] if result[name] is not None else "error (see stderr)"
-        rows.append({"metric": name, "value": value, "protocol": note})
+        if result[name] is None:
+            rows.append({"metric": name, "value": "error", "protocol": "failed: see the warning on stderr"})
+            continue
+        note = notes.get(name) or f"Inception pool3, {settings[name]['resize']} resize to 299"
+        rows.append({"metric": name, "value": result[name], "protocol": note})
     return rows + _count_rows(result)
 
 
@@ -117,6 +119,14 @@ def _build_metrics(metrics: str, fid_name: str, device: str, fid_resize, incepti
     if not built:  # every requested metric failed: nothing to run
         raise FileNotFoundError(next(iter(errors.values())))
     return built, errors
+
+
+def _load_tokenizer(spec: str, device: str):
+    """load_model, with presets' random weights drawn from seed 0 so repeated runs agree."""
+    import torch
+
+    torch.manual_seed(0)
+    return load_model(spec, device)
 
 
 # ------------------------------------------------------------------------------------------ commands
@@ -141,7 +151,7 @@ def recon_cmd(model, data, metrics, resolution, save_recon, fid_resize, inceptio
 
     check_device(device)
     images = resolve_images(data, limit=limit)
-    tok = load_model(model, device)
+    tok = _load_tokenizer(model, device)
     built, errors = _build_metrics(metrics, "rfid", device, fid_resize, inception, lpips_net, lpips_weights)
     result = bench_recon(tok, images, built, errors=errors, resolution=resolution, batch_size=batch_size,
                          device=device, workers=workers, save_recon=save_recon, progress="recon")
@@ -176,7 +186,7 @@ def _image_text_model(spec: str, device: str):
     check_device(device)
     if spec.startswith(OPEN_CLIP_PREFIX):
         return load_open_clip(spec, device)
-    return VistokImageText(load_model(spec, device), spec)
+    return VistokImageText(_load_tokenizer(spec, device), spec)
 
 
 @bench.command("zeroshot")
@@ -238,7 +248,7 @@ def codebook_cmd(model, data, limit, batch_size, device, workers, json_file):
 
     check_device(device)
     images = resolve_images(data, limit=limit)
-    tok = load_model(model, device)
+    tok = _load_tokenizer(model, device)
     if not tok.codebooks:
         raise ValueError(f"{model} has no discrete codebooks (continuous tokens): bench codebook needs a "
                          "discrete tokenizer")

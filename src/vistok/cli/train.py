@@ -1,0 +1,52 @@
+"""train, export."""
+
+from __future__ import annotations
+
+import click
+
+from .output import emit
+
+
+@click.command("train")
+@click.argument("config")
+@click.option("--set", "assignments", multiple=True, metavar="SECTION.KEY=VALUE",
+              help="Override a config value (JSON values; repeatable), e.g. --set train.steps=100")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Run directory (default: checkpoints/<config name>)")
+@click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in --out")
+@click.option("--json", "as_json", is_flag=True, help="JSON summary on stdout")
+def train_cmd(config, assignments, out_dir, resume, as_json):
+    """Train a tokenizer. CONFIG is a JSON file or a shipped recipe name
+    (quickstart, dualtoken-tiny, dualtoken-naive-tiny, dualtoken-so400m-384, ...).
+
+    \b
+    Multi-GPU / multi-node: torchrun --nproc_per_node=N -m vistok train CONFIG --out DIR
+    """
+    from pathlib import Path
+
+    from ..train.config import load_config
+    from ..train.trainer import Trainer
+
+    cfg = load_config(config, list(assignments))
+    out = Path(out_dir) if out_dir else Path("checkpoints") / Path(config).stem
+    trainer = Trainer(cfg, out, resume=resume)
+    summary = trainer.fit()
+    if trainer.dist.main:
+        summary["run_dir"] = str(out)
+        emit([summary], as_json=as_json)
+
+
+@click.command("export")
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.argument("dst", type=click.Path(file_okay=False))
+@click.option("--step", type=int, default=None, help="Checkpoint step (default: the latest)")
+@click.option("--ema", is_flag=True, help="Export the EMA weights")
+def export_cmd(run_dir, dst, step, ema):
+    """Write a training run's checkpoint as a release directory DST (config.json + model.safetensors)."""
+    from ..train.trainer import export_run
+
+    path = export_run(run_dir, dst, step=step, ema=ema)
+    emit([{"run": run_dir, "step": step if step is not None else "latest", "ema": ema, "release": str(path)}])
+
+
+COMMANDS = [train_cmd, export_cmd]

@@ -1,0 +1,109 @@
+"""Run checkpoints `RUN/step_<N>/`: everything needed to continue bit for bit.
+
+model / ema / discriminator: safetensors; optimizers, schedulers: torch files read back with
+weights_only=True; RNG states: safetensors (torch, CUDA) and trainer_state.json (Python, NumPy,
+step, data position). A checkpoint is written into a temporary directory and renamed into place,
+so a crash mid-write leaves the previous checkpoints untouched; only then are old ones pruned.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+STEP_DIR = re.compile(r"^step_(\d+)$")
+STATE_NAME = "trainer_state.json"
+
+
+def _state_dict_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    # clone: safetensors refuses tensors that share storage (e.g. tied or aliased parameters)
+    return {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
+
+
+def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda.{i}"] = state
+    py = random.getstate()
+    np_state = np.random.get_state()
+    meta = {"python": [py[0], list(py[1]), py[2]],
+            "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])]}
+    return tensors, meta
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("cuda.")), key=lambda k: int(k[5:]))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    py = meta["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = meta["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+
+
+def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    if not run_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if p.is_dir() and (m := STEP_DIR.match(p.name))
+             and (p / STATE_NAME).is_file()]
+    return sorted(found)
+
+
+def latest_checkpoint(run_dir: Path) -> Optional[Path]:
+    found = list_checkpoints(run_dir)
+    return found[-1][1] if found else None
+
+
+def save_checkpoint(run_dir: Path, step: int, *, modules: dict[str, torch.nn.Module],
+                    states: dict[str, object], trainer_state: dict, keep_last: int) -> Path:
+    """modules -> <name>.safetensors; states (optimizers, schedulers: their state_dict()) -> <name>.pt."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    final = run_dir / f"step_{step}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".step_{step}.", dir=run_dir))
+    try:
+        for name, module in modules.items():
+            save_file(_state_dict_tensors(module), str(tmp / f"{name}.safetensors"))
+        for name, state in states.items():
+            torch.save(state.state_dict(), tmp / f"{name}.pt")
+        rng_tensors, rng_meta = rng_state()
+        save_file(rng_tensors, str(tmp / "rng.safetensors"))
+        (tmp / STATE_NAME).write_text(json.dumps({**trainer_state, "step": step, "rng": rng_meta}) + "\n")
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for _, old in list_checkpoints(run_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: Path, *, modules: dict[str, torch.nn.Module], states: dict[str, object]) -> dict:
+    """Load modules strictly and optimizer/scheduler states; restore RNG; return the trainer state."""
+    from ..tokenizers.base import load_state_dict_strict
+
+    meta = json.loads((path / STATE_NAME).read_text())
+    for name, module in modules.items():
+        file = path / f"{name}.safetensors"
+        if not file.is_file():
+            raise FileNotFoundError(f"checkpoint {path} lacks {file.name}")
+        load_state_dict_strict(module, load_file(str(file)), target=f"{name} from {path}")
+    for name, obj in states.items():
+        file = path / f"{name}.pt"
+        if not file.is_file():
+            raise FileNotFoundError(f"checkpoint {path} lacks {file.name}")
+        obj.load_state_dict(torch.load(file, map_location="cpu", weights_only=True))
+    set_rng_state(load_file(str(path / "rng.safetensors")), meta["rng"])
+    return meta

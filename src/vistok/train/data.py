@@ -1,0 +1,227 @@
+"""Training data: image folders, JSONL/CSV image(-text) lists, webdataset shards, built-in photos.
+
+Map-style sources are read through a resumable sampler that yields (epoch, position, index) keys:
+each rank takes a disjoint slice of a per-epoch permutation, and every sample's augmentation draws
+from a generator seeded by (seed, epoch, index). The data position is therefore two integers, and a
+resumed run sees exactly the batches an uninterrupted one would, whatever the worker count.
+
+A corrupt or unreadable image is replaced by the next readable one in the same epoch order,
+counted and reported to the trainer, never fatal.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import torch
+from PIL import Image
+
+from ..images import ImageLike, PreprocessConfig, _INTERPOLATIONS, list_image_files, load_image, pil_to_pixels
+
+MAX_REPLACEMENTS = 16
+
+
+@dataclass
+class Item:
+    image: ImageLike  # path or PIL image
+    caption: Optional[str] = None
+    name: str = ""
+
+
+def read_items(source: str) -> list[Item]:
+    """A directory (recursive), a .jsonl ({"image": path, "caption"|"text": str}) or .csv (image,caption
+    columns) list with paths relative to the list file, or `builtin:photos[-train|-heldout]`."""
+    if source.startswith("builtin:"):
+        from ..builtin import resolve_builtin
+
+        return [Item(img, None, name) for name, img in resolve_builtin(source)]
+    path = Path(source)
+    if path.is_dir():
+        return [Item(str(p), None, str(p)) for p in list_image_files([path])]
+    if not path.is_file():
+        raise FileNotFoundError(f"training data not found: {source}")
+    if path.suffix == ".jsonl":
+        rows = []
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{source}:{n}: invalid JSON: {exc}") from None
+    elif path.suffix == ".csv":
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    else:
+        raise ValueError(f"unsupported data source {source}: expected a directory, .jsonl, .csv, .tar shards or builtin:")
+    items = []
+    for n, row in enumerate(rows, 1):
+        image = row.get("image") or row.get("path") or row.get("file")
+        if not image:
+            raise ValueError(f"{source}: row {n} has no 'image' field")
+        full = image if os.path.isabs(image) else str(path.parent / image)
+        items.append(Item(full, row.get("caption") or row.get("text"), full))
+    if not items:
+        raise ValueError(f"{source} lists no images")
+    return items
+
+
+def is_webdataset(source: str) -> bool:
+    return source.endswith(".tar") or ("{" in source and ".tar" in source)
+
+
+# ---------------------------------------------------------------------------------------- augmentation
+def random_resized_crop(image: Image.Image, size: int, scale: Sequence[float], interpolation: str,
+                        generator: torch.Generator, ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> Image.Image:
+    """torchvision's RandomResizedCrop drawn from `generator` (10 tries, then a centre crop)."""
+    width, height = image.size
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        u = torch.rand(4, generator=generator).tolist()
+        target = area * (scale[0] + (scale[1] - scale[0]) * u[0])
+        aspect = math.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * u[1])
+        w, h = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            left, top = int(u[2] * (width - w + 1)), int(u[3] * (height - h + 1))
+            break
+    else:
+        w = h = min(width, height)
+        left, top = (width - w) // 2, (height - h) // 2
+    return image.resize((size, size), _INTERPOLATIONS[interpolation], box=(left, top, left + w, top + h))
+
+
+class Augment:
+    def __init__(self, preprocess: PreprocessConfig, crop_scale: Sequence[float] = (0.9, 1.0), hflip: bool = False):
+        self.cfg, self.crop_scale, self.hflip = preprocess, tuple(crop_scale), hflip
+
+    def __call__(self, image: Image.Image, generator: torch.Generator) -> torch.Tensor:
+        if min(image.size) < self.cfg.min_image_size:
+            raise ValueError(f"image of {image.size[0]}x{image.size[1]} px is below min_image_size {self.cfg.min_image_size}")
+        out = random_resized_crop(image, self.cfg.image_size, self.crop_scale, self.cfg.interpolation, generator)
+        if self.hflip and torch.rand((), generator=generator) < 0.5:
+            out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return pil_to_pixels(out)
+
+
+# ---------------------------------------------------------------------------------------- map-style
+def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 1_000_000_007 + index)
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Keys (epoch, position, index) -> dict(pixels, caption, key, skipped names)."""
+
+    def __init__(self, items: list[Item], augment: Augment, seed: int):
+        self.items, self.augment, self.seed = items, augment, seed
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, key: tuple[int, int, int]) -> dict:
+        epoch, position, index = key
+        skipped = []
+        for attempt in range(MAX_REPLACEMENTS):
+            item = self.items[(index + attempt) % len(self.items)]
+            try:
+                image = load_image(item.image)
+                pixels = self.augment(image, sample_generator(self.seed, epoch, index))
+                return {"pixels": pixels, "caption": item.caption or "", "key": key, "skipped": skipped}
+            except (OSError, ValueError) as exc:
+                skipped.append(f"{item.name}: {exc}")
+        raise RuntimeError(f"{MAX_REPLACEMENTS} consecutive unreadable images from index {index}: {skipped[-3:]}")
+
+
+class ResumableBatchSampler(torch.utils.data.Sampler):
+    """Batches of (epoch, position, index) keys: per epoch a seeded permutation, rank r takes
+    positions r, r + world, ... (an equal share; the remainder is dropped), starting at `start`."""
+
+    def __init__(self, size: int, batch_size: int, *, seed: int, rank: int = 0, world: int = 1,
+                 start: tuple[int, int] = (0, 0), shuffle: bool = True):
+        if size < world:
+            raise ValueError(f"{size} training images cannot be split over {world} processes")
+        self.size, self.batch_size, self.seed = size, batch_size, seed
+        self.rank, self.world, self.start, self.shuffle = rank, world, tuple(start), shuffle
+        self.per_rank = size // world
+
+    def _order(self, epoch: int) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.size))
+        return torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+
+    def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
+        epoch, position = self.start
+        batch = []
+        while True:
+            order = self._order(epoch)
+            for pos in range(position, self.per_rank):
+                batch.append((epoch, pos, order[self.rank + pos * self.world]))
+                if len(batch) == self.batch_size:
+                    yield batch
+                    batch = []
+            epoch, position = epoch + 1, 0
+
+    def __len__(self) -> int:  # an endless stream; DataLoader only needs this for its own bookkeeping
+        return 1 << 62
+
+
+def collate(samples: list[dict]) -> dict:
+    return {
+        "pixels": torch.stack([s["pixels"] for s in samples]),
+        "captions": [s["caption"] for s in samples],
+        "keys": [s["key"] for s in samples],
+        "skipped": [name for s in samples for name in s["skipped"]],
+    }
+
+
+def next_position(batch: dict, per_rank: int) -> tuple[int, int]:
+    """The data position after this batch (where a resumed run starts)."""
+    epoch, position, _ = batch["keys"][-1]
+    return (epoch + 1, 0) if position + 1 >= per_rank else (epoch, position + 1)
+
+
+# ---------------------------------------------------------------------------------------- webdataset
+def webdataset_stream(urls: str, augment: Augment, *, seed: int, shuffle_buffer: int, skip: int = 0):
+    """Image(-text) samples from tar shards (jpg/png/webp + optional txt), split by rank and worker.
+    Resuming skips the samples this rank already consumed (exact with workers=0)."""
+    import webdataset as wds
+
+    counter = {"n": 0}
+
+    def decode(sample):
+        image_key = next((k for k in ("jpg", "jpeg", "png", "webp") if k in sample), None)
+        caption = sample.get("txt", b"").decode("utf-8", "replace") if isinstance(sample.get("txt"), bytes) else ""
+        name = sample.get("__key__", "?")
+        n = counter["n"]
+        counter["n"] += 1
+        try:
+            if image_key is None:
+                raise ValueError("no image in the sample")
+            import io
+
+            image = Image.open(io.BytesIO(sample[image_key]))
+            image.load()
+            pixels = augment(image.convert("RGB"), sample_generator(seed, 0, n))
+            return {"pixels": pixels, "caption": caption, "key": (0, n, n), "skipped": []}
+        except Exception as exc:  # a corrupt sample is skipped and counted
+            return {"pixels": None, "caption": caption, "key": (0, n, n), "skipped": [f"{name}: {exc}"]}
+
+    pipeline = wds.WebDataset(urls, shardshuffle=False, nodesplitter=wds.split_by_node,
+                              workersplitter=wds.split_by_worker, empty_check=False)
+    if shuffle_buffer > 1:
+        import random
+
+        pipeline = pipeline.shuffle(shuffle_buffer, rng=random.Random(seed))
+    return pipeline.map(decode).slice(skip, None) if skip else pipeline.map(decode)
+
+
+def collate_stream(samples: list[dict]) -> dict:
+    good = [s for s in samples if s["pixels"] is not None]
+    out = collate(good) if good else {"pixels": None, "captions": [], "keys": [], "skipped": []}
+    out["skipped"] = [name for s in samples for name in s["skipped"]]
+    return out

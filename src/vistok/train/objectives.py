@@ -1,0 +1,79 @@
+"""Family plug-ins for the trainer: how a family's model and loss make one generator step and one
+discriminator step. The trainer itself is family-agnostic."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..losses.dualtoken import DualTokenLoss, LossOutput
+
+
+class Objective:
+    family: str = ""
+    loss_class: type = nn.Module
+    # constructor overrides that turn a training model into an inference release on export
+    export_overrides: dict = {}
+    export_drop_prefixes: tuple[str, ...] = ()
+
+    @classmethod
+    def check_loss_args(cls, args: dict) -> None:
+        params = inspect.signature(cls.loss_class.__init__).parameters
+        known = sorted(p for p in params if p != "self")
+        unknown = sorted(set(args) - set(known))
+        if unknown:
+            raise ValueError(f"unknown config key(s) {', '.join('loss.' + k for k in unknown)} for family "
+                             f"{cls.family!r}; loss takes: {', '.join(known)}")
+
+    def __init__(self, loss_args: dict):
+        self.check_loss_args(loss_args)
+        self.loss = self.loss_class(**loss_args)
+
+    @property
+    def discriminator(self) -> Optional[nn.Module]:
+        return getattr(self.loss, "discriminator", None)
+
+    def gan_active(self, step: int) -> bool:
+        return False
+
+    def generator_step(self, model: nn.Module, raw_model: nn.Module, pixels: torch.Tensor, step: int):
+        raise NotImplementedError
+
+    def discriminator_loss(self, out, pixels: torch.Tensor, step: int) -> Optional[torch.Tensor]:
+        return None
+
+    def extra_parameters(self) -> list[nn.Parameter]:
+        """Trainable loss parameters optimised with the model (e.g. a learned log-variance)."""
+        return []
+
+
+class DualTokenObjective(Objective):
+    family = "dualtoken"
+    loss_class = DualTokenLoss
+    export_overrides = {"with_teacher": False}
+    export_drop_prefixes = ("teacher.",)
+
+    def gan_active(self, step: int) -> bool:
+        return self.loss.reconstruction.gan_active(step)
+
+    def generator_step(self, model, raw_model, pixels, step) -> tuple[LossOutput, object]:
+        out = model(pixels)
+        return self.loss(raw_model, out, pixels, step=step), out
+
+    def discriminator_loss(self, out, pixels, step):
+        if not self.gan_active(step):
+            return None
+        return self.loss.discriminator_loss(out, pixels, step=step)
+
+
+OBJECTIVES = {o.family: o for o in (DualTokenObjective,)}
+
+
+def objective_class(family: str) -> type[Objective]:
+    try:
+        return OBJECTIVES[family]
+    except KeyError:
+        raise ValueError(f"unknown family {family!r}; trainable families: {sorted(OBJECTIVES)}") from None

@@ -1,0 +1,440 @@
+"""The training loop: one process on CPU or one per GPU under torchrun (DDP), any family.
+
+bf16 autocast (the quantizers switch it off for themselves), gradient accumulation, clipping,
+AdamW with warmup + cosine, a discriminator optimiser from the GAN start step, optional weight
+EMA, atomic checkpoints with exact resume, JSONL + TensorBoard logs, reconstruction grids.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..fileio import atomic_path
+from ..images import pixels_to_pil, to_uint8
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import RunConfig
+from .data import (Augment, ImageDataset, ResumableBatchSampler, collate, collate_stream, is_webdataset,
+                   next_position, read_items, webdataset_stream)
+from .objectives import Objective, objective_class
+
+CONFIG_NAME = "config.json"
+
+
+# ---------------------------------------------------------------------------------------------- setup
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed() -> Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Dist(rank, world, local, device)
+
+
+def build_model(cfg: RunConfig, overrides: Optional[dict] = None) -> nn.Module:
+    from ..tokenizers.registry import create_tokenizer, load_tokenizer
+
+    args = {**cfg.model.overrides, **(overrides or {})}
+    if cfg.train.grad_checkpointing:
+        args["grad_checkpointing"] = True
+    if cfg.model.init:
+        return load_tokenizer(cfg.model.init, **args)
+    return create_tokenizer(cfg.model.preset, **args)
+
+
+def param_groups(model: nn.Module, extra: list[nn.Parameter], weight_decay: float) -> list[dict]:
+    """No weight decay on 1-D parameters, norms, biases and logit scalars (DualToken / open_clip)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        skip = p.ndim < 2 or any(s in name for s in ("bn", "ln", "norm", "bias", "logit_scale"))
+        (no_decay if skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay + list(extra), "weight_decay": 0.0}]
+
+
+def lr_lambda(warmup: int, total: int, schedule: str, floor: float):
+    """Linear warmup to 1, then cosine to `floor` (a fraction of the base lr) or constant."""
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+class WeightEMA(nn.Module):
+    """Exponential moving average of the trainable parameters (buffers are taken from the model)."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        super().__init__()
+        self.decay = decay
+        self.names = [n for n, p in model.named_parameters() if p.requires_grad]
+        params = dict(model.named_parameters())
+        for n in self.names:
+            self.register_buffer(n.replace(".", "__"), params[n].detach().clone().float())
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        params = dict(model.named_parameters())
+        for n in self.names:
+            getattr(self, n.replace(".", "__")).lerp_(params[n].detach().float(), 1 - self.decay)
+
+    def averaged(self) -> dict[str, torch.Tensor]:
+        return {n: getattr(self, n.replace(".", "__")) for n in self.names}
+
+
+def _all_reduce_grads(module: nn.Module, world: int) -> None:
+    for p in module.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad.div_(world)
+
+
+def psnr_uint8(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR (dB) of [-1, 1] images after rounding both to uint8."""
+    a, b = to_uint8(a).float(), to_uint8(b).float()
+    mse = (a - b).pow(2).flatten(1).mean(1)
+    return 10 * torch.log10(255.0 ** 2 / mse.clamp_min(1e-10))
+
+
+@torch.no_grad()
+def reconstruct(model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    enc = model.encode(pixels)
+    if enc.ids:
+        return model.decode(ids=enc.ids)
+    return model.decode(latents=enc.latents)
+
+
+# ---------------------------------------------------------------------------------------------- trainer
+class Trainer:
+    def __init__(self, cfg: RunConfig, out_dir: str | os.PathLike, *, resume: bool = False, quiet: bool = False):
+        self.cfg, self.out = cfg, Path(out_dir)
+        self.dist = setup_distributed()
+        self.quiet = quiet
+        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+        self.model = build_model(cfg).to(self.dist.device).train()
+        self.objective: Objective = objective_class(cfg.family)(cfg.loss)
+        if self.objective.discriminator is not None:
+            self.objective.loss.to(self.dist.device)
+        self._build_optimizers()
+        self.ema = WeightEMA(self.model, cfg.train.ema_decay).to(self.dist.device) if cfg.train.ema_decay else None
+        self.step, self.position, self.skipped_total = 0, (0, 0), 0
+        self.checkpoint_loaded = None
+        if resume:
+            self._resume()
+        elif self.dist.main and latest_checkpoint(self.out) is not None:
+            raise ValueError(f"{self.out} already holds checkpoints: pass --resume to continue, or another --out")
+        self.ddp = self.model
+        if self.dist.world > 1:
+            kwargs = {"device_ids": [self.dist.device.index]} if self.dist.device.type == "cuda" else {}
+            self.ddp = nn.parallel.DistributedDataParallel(self.model, broadcast_buffers=False, **kwargs)
+        torch.manual_seed(cfg.train.seed + 1 + self.dist.rank + 7919 * self.step)
+
+    # ------------------------------------------------------------------ optimisers and state
+    def _build_optimizers(self) -> None:
+        o, t = self.cfg.optim, self.cfg.train
+        groups = param_groups(self.model, self.objective.extra_parameters(), o.weight_decay)
+        self.opt = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lr_lambda(o.warmup_steps, t.steps, o.schedule, o.min_lr / o.lr if o.lr else 0.0))
+        self.d_opt = self.d_sched = None
+        disc = self.objective.discriminator
+        if disc is not None:
+            d_lr = o.disc_lr or o.lr
+            self.d_opt = torch.optim.Adam(disc.parameters(), lr=d_lr, betas=tuple(o.disc_betas), weight_decay=0.0)
+            self.d_sched = torch.optim.lr_scheduler.LambdaLR(
+                self.d_opt, lr_lambda(o.warmup_steps, t.steps, o.schedule, min(1.0, o.disc_min_lr / d_lr)))
+
+    def _state_parts(self) -> tuple[dict, dict]:
+        modules = {"model": self.model}
+        if self.ema is not None:
+            modules["ema"] = self.ema
+        if self.objective.discriminator is not None:
+            modules["discriminator"] = self.objective.loss
+        states = {"optimizer": self.opt, "scheduler": self.sched}
+        if self.d_opt is not None:
+            states.update(d_optimizer=self.d_opt, d_scheduler=self.d_sched)
+        return modules, states
+
+    def _resume(self) -> None:
+        path = latest_checkpoint(self.out)
+        if path is None:
+            raise FileNotFoundError(f"--resume: no checkpoint under {self.out}")
+        saved = json.loads((self.out / CONFIG_NAME).read_text()) if (self.out / CONFIG_NAME).is_file() else None
+        if saved is not None:
+            ours = self.cfg.to_dict()
+            for section in ("family", "model", "loss"):
+                if saved.get(section) != ours.get(section):
+                    raise ValueError(f"--resume: the {section!r} section differs from the run's saved config "
+                                     f"({self.out / CONFIG_NAME}); resume with the same config")
+        modules, states = self._state_parts()
+        meta = load_checkpoint(path, modules=modules, states=states)
+        self.step, self.position = int(meta["step"]), tuple(meta["data_position"])
+        self.skipped_total = int(meta.get("skipped_images", 0))
+        self.checkpoint_loaded = path
+
+    def save(self) -> Path:
+        modules, states = self._state_parts()
+        state = {"data_position": list(self.position), "skipped_images": self.skipped_total,
+                 "world_size": self.dist.world, "family": self.cfg.family}
+        return save_checkpoint(self.out, self.step, modules=modules, states=states, trainer_state=state,
+                               keep_last=self.cfg.train.keep_last)
+
+    # ------------------------------------------------------------------ data
+    def _loader(self):
+        d, t = self.cfg.data, self.cfg.train
+        augment = Augment(self.model.preprocess_config, d.crop_scale, d.hflip)
+        if is_webdataset(d.source):
+            consumed = self.position[1]
+            stream = webdataset_stream(d.source, augment, seed=t.seed, shuffle_buffer=d.shuffle_buffer, skip=consumed)
+            self.per_rank = None
+            return torch.utils.data.DataLoader(stream, batch_size=t.batch_size, num_workers=d.workers,
+                                               collate_fn=collate_stream)
+        items = read_items(d.source)
+        sampler = ResumableBatchSampler(len(items), t.batch_size, seed=t.seed, rank=self.dist.rank,
+                                        world=self.dist.world, start=self.position)
+        self.per_rank = sampler.per_rank
+        return torch.utils.data.DataLoader(ImageDataset(items, augment, t.seed), batch_sampler=sampler,
+                                           num_workers=d.workers, collate_fn=collate,
+                                           persistent_workers=d.workers > 0)
+
+    def _advance(self, batch: dict) -> None:
+        if self.per_rank is None:  # webdataset: count samples seen by this rank
+            self.position = (0, self.position[1] + len(batch["keys"]) + len(batch["skipped"]))
+        else:
+            self.position = next_position(batch, self.per_rank)
+
+    def _eval_pixels(self) -> Optional[torch.Tensor]:
+        d = self.cfg.data
+        if not d.eval_source:
+            return None
+        items = read_items(d.eval_source)[: d.eval_limit]
+        return self.model.preprocess([it.image for it in items]).to(self.dist.device)
+
+    # ------------------------------------------------------------------ the loop
+    def _autocast(self):
+        enabled = self.cfg.train.precision == "bf16"
+        return torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+    def _check_finite(self, loss, step: int) -> None:
+        finite = torch.tensor(float(torch.isfinite(loss.total)), device=self.dist.device)
+        if self.dist.world > 1:
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if finite.item() < 1:
+            loss.check_finite(step)
+            raise FloatingPointError(f"non-finite loss on another rank at step {step}")
+
+    def train_step(self, batches) -> dict:
+        t = self.cfg.train
+        step = self.step
+        disc = self.objective.discriminator
+        logs: dict[str, float] = {}
+        for micro in range(t.accumulation):
+            batch = next(batches)
+            while batch["pixels"] is None:  # a webdataset batch with only corrupt samples
+                self._note_skipped(batch)
+                batch = next(batches)
+            self._note_skipped(batch)
+            x = batch["pixels"].to(self.dist.device, non_blocking=True)
+            last = micro == t.accumulation - 1
+            sync = contextlib.nullcontext() if last or self.ddp is self.model else self.ddp.no_sync()
+            with sync:
+                with self._autocast():
+                    loss, out = self.objective.generator_step(self.ddp, self.model, x, step)
+                self._check_finite(loss, step)
+                (loss.total / t.accumulation).backward()
+            if disc is not None and self.objective.gan_active(step):
+                with self._autocast():
+                    d_loss = self.objective.discriminator_loss(out, x, step)
+                (d_loss / t.accumulation).backward()
+                logs["d_loss"] = logs.get("d_loss", 0.0) + d_loss.item() / t.accumulation
+            for k, v in {"loss": loss.total.detach(), **loss.terms}.items():
+                logs[k] = logs.get(k, 0.0) + float(v) / t.accumulation
+            self._advance(batch)
+        if self.cfg.optim.grad_clip:
+            logs["grad_norm"] = float(nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip))
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        if disc is not None and self.objective.gan_active(step):
+            if self.dist.world > 1:
+                _all_reduce_grads(disc, self.dist.world)
+            self.d_opt.step()
+            self.d_sched.step()
+            self.d_opt.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.model)
+        self.step += 1
+        logs["lr"] = self.sched.get_last_lr()[0]
+        return logs
+
+    def _note_skipped(self, batch: dict) -> None:
+        if batch["skipped"]:
+            self.skipped_total += len(batch["skipped"])
+            for name in batch["skipped"]:
+                self.log(f"skipped unreadable image {name}")
+
+    def log(self, message: str) -> None:
+        if self.dist.main and not self.quiet:
+            print(message, file=sys.stderr, flush=True)
+
+    def _codebook_stats(self) -> dict:
+        out = {}
+        for name, module in self.model.named_modules():
+            if hasattr(module, "stats") and hasattr(module, "codebook_size"):
+                s = module.stats()
+                key = name.replace("_quantizer", "")
+                out[f"codebook/{key}/usage"] = sum(s.usage) / len(s.usage)
+                out[f"codebook/{key}/perplexity"] = sum(s.perplexity) / len(s.perplexity)
+                out[f"codebook/{key}/restarts"] = s.restarts_last_step
+        return out
+
+    def evaluate(self, pixels: Optional[torch.Tensor]) -> Optional[float]:
+        if pixels is None:
+            return None
+        was = self.model.training
+        self.model.eval()
+        try:
+            scores = [psnr_uint8(reconstruct(self.model, chunk), chunk) for chunk in pixels.split(16)]
+        finally:
+            self.model.train(was)
+        return float(torch.cat(scores).mean())
+
+    def save_images(self, pixels: Optional[torch.Tensor]) -> None:
+        if pixels is None or not self.dist.main:
+            return
+        was = self.model.training
+        self.model.eval()
+        try:
+            x = pixels[:8]
+            grid = torch.cat([x, reconstruct(self.model, x)], dim=0)
+        finally:
+            self.model.train(was)
+        from torchvision.utils import make_grid
+
+        image = pixels_to_pil(make_grid(grid, nrow=len(x), padding=2, pad_value=1.0)[None])[0]
+        (self.out / "images").mkdir(parents=True, exist_ok=True)
+        with atomic_path(self.out / "images" / f"step_{self.step}.png") as tmp:
+            image.save(tmp, format="PNG")
+
+    def fit(self) -> dict:
+        t = self.cfg.train
+        self.out.mkdir(parents=True, exist_ok=True)
+        if self.dist.main:
+            with atomic_path(self.out / CONFIG_NAME) as tmp:
+                tmp.write_text(json.dumps(self.cfg.to_dict(), indent=2) + "\n")
+        eval_pixels = self._eval_pixels()
+        summary = {"start_step": self.step}
+        if self.step == 0:
+            summary["psnr_before"] = self.evaluate(eval_pixels)
+        writer = None
+        if self.dist.main:
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(str(self.out / "tensorboard"))
+        batches = iter(self._loader())
+        progress = None
+        if self.dist.main and not self.quiet:
+            from tqdm import tqdm
+
+            progress = tqdm(total=t.steps, initial=self.step, desc="train", file=sys.stderr, dynamic_ncols=True)
+        started = time.time()
+        try:
+            while self.step < t.steps:
+                logs = self.train_step(batches)
+                if progress is not None:
+                    progress.update(1)
+                    progress.set_postfix(loss=f"{logs['loss']:.4f}")
+                if self.step % t.log_every == 0 or self.step == t.steps:
+                    logs.update(self._codebook_stats(), step=self.step, skipped_images=self.skipped_total,
+                                elapsed_s=round(time.time() - started, 2))
+                    if self.dist.main:
+                        with open(self.out / "metrics.jsonl", "a") as f:
+                            f.write(json.dumps(logs) + "\n")
+                        for k, v in logs.items():
+                            if k != "step":
+                                writer.add_scalar(k, v, self.step)
+                if self.step % t.image_every == 0:
+                    self.save_images(eval_pixels)
+                if self.step % t.save_every == 0 or self.step == t.steps:
+                    if self.dist.main:
+                        self.save()
+                    if self.dist.world > 1:
+                        dist.barrier()
+        finally:
+            if progress is not None:
+                progress.close()
+            if writer is not None:
+                writer.close()
+        summary.update(steps=self.step, seconds=round(time.time() - started, 1), skipped_images=self.skipped_total,
+                       psnr_after=self.evaluate(eval_pixels))
+        if t.export and self.dist.main:
+            summary["export"] = str(export_run(self.out, self.out / "export", ema=self.ema is not None))
+        return summary
+
+
+# ---------------------------------------------------------------------------------------------- export
+def export_run(run_dir: str | os.PathLike, dst: str | os.PathLike, *, step: Optional[int] = None,
+               ema: bool = False) -> Path:
+    """A run's checkpoint (latest or `step`) -> a release directory for inference (the family's
+    training-only parts, e.g. DualToken's teacher, left out)."""
+    from safetensors.torch import load_file
+
+    from ..tokenizers.base import load_state_dict_strict
+    from .config import build_config
+
+    run_dir = Path(run_dir)
+    if not (run_dir / CONFIG_NAME).is_file():
+        raise FileNotFoundError(f"{run_dir} is not a training run directory (no {CONFIG_NAME})")
+    cfg = build_config(json.loads((run_dir / CONFIG_NAME).read_text()))
+    path = run_dir / f"step_{step}" if step is not None else latest_checkpoint(run_dir)
+    if path is None or not path.is_dir():
+        raise FileNotFoundError(f"no checkpoint {'step_' + str(step) if step is not None else ''} under {run_dir}")
+    objective = objective_class(cfg.family)
+    cfg.train.grad_checkpointing = False
+    model = build_model(cfg, overrides=objective.export_overrides)
+    state = load_file(str(path / "model.safetensors"))
+    if ema:
+        if not (path / "ema.safetensors").is_file():
+            raise FileNotFoundError(f"{path} holds no EMA weights (train.ema_decay was not set)")
+        averaged = load_file(str(path / "ema.safetensors"))
+        state.update({k.replace("__", "."): v for k, v in averaged.items()})
+    state = {k: v for k, v in state.items() if not k.startswith(objective.export_drop_prefixes)}
+    load_state_dict_strict(model, state, target=f"export of {path}")
+    model.save_pretrained(dst, extra={"trained_steps": int(path.name.split("_")[1])})
+    return Path(dst)
