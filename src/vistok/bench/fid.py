@@ -246,10 +246,16 @@ class InceptionFeatures:
 
 # ------------------------------------------------------------------------------------------ statistics
 class FeatureStats:
-    """Running float64 mean and covariance (unbiased, as np.cov) of feature batches (Chan et al. merge)."""
+    """Running float64 mean and covariance (unbiased, as np.cov) of feature batches (Chan et al. merge).
+
+    While there are no more images than feature dimensions the rows are kept too, so that the
+    covariance's exact low-rank factor is available (`factor`) and the Frechet distance of small
+    sets needs no 2048x2048 eigendecomposition.
+    """
 
     def __init__(self):
         self.n, self.mean, self._m2 = 0, None, None
+        self._rows: Optional[list] = []
 
     def update(self, features: np.ndarray) -> None:
         x = np.asarray(features, dtype=np.float64)
@@ -259,6 +265,10 @@ class FeatureStats:
         mean_b = x.mean(0)
         centred = x - mean_b
         m2_b = centred.T @ centred
+        if self._rows is not None:
+            self._rows.append(x)
+            if self.n + n_b > x.shape[1]:
+                self._rows = None
         if self.n == 0:
             self.n, self.mean, self._m2 = n_b, mean_b, m2_b
             return
@@ -274,38 +284,56 @@ class FeatureStats:
             raise ValueError(f"FID needs at least 2 images per set, got {self.n}")
         return self._m2 / (self.n - 1)
 
+    @property
+    def factor(self) -> Optional[np.ndarray]:
+        """A (d, n) with A A^T = sigma, while the rows are kept (n <= d); else None."""
+        if self._rows is None or self.n < 2:
+            return None
+        rows = np.concatenate(self._rows)
+        return (rows - self.mean).T / np.sqrt(self.n - 1)
 
-def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
+
+def trace_sqrt_product(sigma1: Optional[np.ndarray], sigma2: np.ndarray, *, factor1: Optional[np.ndarray] = None) -> float:
     """Tr sqrtm(S1 S2) for covariance matrices, in float64.
 
-    With S1 = A A^T (A = eigenvectors x sqrt(eigenvalues), numerically zero directions dropped), the
-    non-zero eigenvalues of S1 S2 are those of the small symmetric PSD matrix A^T S2 A, so the trace
-    of the square root is the sum of their square roots: the value scipy.linalg.sqrtm(S1 @ S2) gives,
-    without its complex round-off or its eps fallback for the singular products of small sets
-    (fewer images than 2048 features), and with one 2048x2048 eigendecomposition.
+    With S1 = A A^T (A = eigenvectors x sqrt(eigenvalues), numerically zero directions dropped, or
+    `factor1` = the centred features / sqrt(n - 1) of a small set), the non-zero eigenvalues of
+    S1 S2 are those of the small symmetric PSD matrix A^T S2 A, so the trace of the square root is
+    the sum of their square roots: the value scipy.linalg.sqrtm(S1 @ S2) gives, without its complex
+    round-off or its eps fallback for the singular products of small sets (fewer images than
+    features).
     """
-    sigma1 = np.asarray(sigma1, dtype=np.float64)
     sigma2 = np.asarray(sigma2, dtype=np.float64)
-    values, vectors = np.linalg.eigh((sigma1 + sigma1.T) / 2)
-    tolerance = max(values.max(), 0.0) * len(values) * np.finfo(np.float64).eps
-    keep = values > tolerance
-    factor = vectors[:, keep] * np.sqrt(values[keep])
-    inner = factor.T @ sigma2 @ factor
+    if factor1 is None:
+        sigma1 = np.asarray(sigma1, dtype=np.float64)
+        values, vectors = np.linalg.eigh((sigma1 + sigma1.T) / 2)
+        tolerance = max(values.max(), 0.0) * len(values) * np.finfo(np.float64).eps
+        keep = values > tolerance
+        factor1 = vectors[:, keep] * np.sqrt(values[keep])
+    inner = factor1.T @ sigma2 @ factor1
     eigenvalues = np.linalg.eigvalsh((inner + inner.T) / 2)
     return float(np.sqrt(eigenvalues.clip(min=0)).sum())
 
 
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
-    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 sqrtm(S1 S2)), in float64."""
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, *,
+                     factor1: Optional[np.ndarray] = None) -> float:
+    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 sqrtm(S1 S2)), in float64 (`factor1`: see trace_sqrt_product)."""
     mu1, mu2 = np.asarray(mu1, dtype=np.float64), np.asarray(mu2, dtype=np.float64)
     sigma1, sigma2 = np.asarray(sigma1, dtype=np.float64), np.asarray(sigma2, dtype=np.float64)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (mu1.size, mu1.size):
         raise ValueError(f"FID statistics do not match: mu {mu1.shape} vs {mu2.shape}, "
                          f"sigma {sigma1.shape} vs {sigma2.shape}")
     diff = mu1 - mu2
-    value = diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_sqrt_product(sigma1, sigma2)
-    return float(max(value, 0.0))
+    cross = trace_sqrt_product(sigma1, sigma2, factor1=factor1)
+    return float(max(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * cross, 0.0))
 
 
 def fid_from_stats(a: FeatureStats, b: FeatureStats) -> float:
-    return frechet_distance(a.mean, a.sigma, b.mean, b.sigma)
+    """FID of two feature sets; Tr sqrtm(S_a S_b) = Tr sqrtm(S_b S_a), so a small set's factor is used
+    whichever side it is on."""
+    factor = a.factor
+    if factor is None:
+        factor = b.factor
+        if factor is not None:
+            a, b = b, a
+    return frechet_distance(a.mean, a.sigma, b.mean, b.sigma, factor1=factor)

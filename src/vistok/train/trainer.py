@@ -155,6 +155,7 @@ class Trainer:
         self.ema = WeightEMA(self.model, cfg.train.ema_decay).to(self.dist.device) if cfg.train.ema_decay else None
         self.step, self.position, self.skipped_total = 0, (0, 0), 0
         self.checkpoint_loaded = None
+        torch.manual_seed(cfg.train.seed + 1 + self.dist.rank)  # per-rank stream; a resume restores the saved one
         if resume:
             self._resume()
         elif self.dist.main and latest_checkpoint(self.out) is not None:
@@ -163,7 +164,6 @@ class Trainer:
         if self.dist.world > 1:
             kwargs = {"device_ids": [self.dist.device.index]} if self.dist.device.type == "cuda" else {}
             self.ddp = nn.parallel.DistributedDataParallel(self.model, broadcast_buffers=False, **kwargs)
-        torch.manual_seed(cfg.train.seed + 1 + self.dist.rank + 7919 * self.step)
 
     # ------------------------------------------------------------------ optimisers and state
     def _build_optimizers(self) -> None:
@@ -224,14 +224,16 @@ class Trainer:
             stream = webdataset_stream(d.source, augment, seed=t.seed, shuffle_buffer=d.shuffle_buffer, skip=consumed)
             self.per_rank = None
             return torch.utils.data.DataLoader(stream, batch_size=t.batch_size, num_workers=d.workers,
-                                               collate_fn=collate_stream)
+                                               collate_fn=collate_stream, generator=torch.Generator())
         items = read_items(d.source)
         sampler = ResumableBatchSampler(len(items), t.batch_size, seed=t.seed, rank=self.dist.rank,
                                         world=self.dist.world, start=self.position)
         self.per_rank = sampler.per_rank
+        # its own generator: creating a DataLoader iterator draws a base seed, which must not consume the
+        # global RNG (a resumed run creates its iterator at a different step); augmentation is seeded per sample
         return torch.utils.data.DataLoader(ImageDataset(items, augment, t.seed), batch_sampler=sampler,
                                            num_workers=d.workers, collate_fn=collate,
-                                           persistent_workers=d.workers > 0)
+                                           persistent_workers=d.workers > 0, generator=torch.Generator())
 
     def _advance(self, batch: dict) -> None:
         if self.per_rank is None:  # webdataset: count samples seen by this rank
