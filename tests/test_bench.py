@@ -118,17 +118,16 @@ def wheel_features():
 
 
 def test_fid_of_a_set_with_itself_is_zero_and_grows_with_noise(photos, wheel_features):
-    clean = np.stack([np.asarray(img.resize((64, 64))) for _, img in photos])
-    reference = fidmod.FeatureStats()
-    reference.update(wheel_features(_u8(clean)))
-    assert fidmod.fid_from_stats(reference, reference) < 1e-6
-    rng = np.random.default_rng(0)
-    noise = rng.normal(size=clean.shape)
-    values = []
-    for sigma in (6, 20, 60):
-        noisy = fidmod.FeatureStats()
-        noisy.update(wheel_features(_u8((clean + sigma * noise).clip(0, 255).round().astype(np.uint8))))
-        values.append(fidmod.fid_from_stats(reference, noisy))
+    clean = np.stack([np.asarray(img.resize((64, 64))) for _, img in photos[:4]])
+    noise = np.random.default_rng(0).normal(size=clean.shape)
+    sets = [clean] + [(clean + sigma * noise).clip(0, 255).round().astype(np.uint8) for sigma in (6, 20, 60)]
+    features = wheel_features(_u8(np.concatenate(sets)))  # one pass of the real network over all 16 images
+    stats = []
+    for chunk in np.split(features, len(sets)):
+        stats.append(fidmod.FeatureStats())
+        stats[-1].update(chunk)
+    assert fidmod.fid_from_stats(stats[0], stats[0]) < 1e-6
+    values = [fidmod.fid_from_stats(stats[0], noisy) for noisy in stats[1:]]
     assert 0 < values[0] < values[1] < values[2], values
 
 
@@ -150,7 +149,7 @@ def test_pytorch_fid_weights_give_pytorch_fids_features(tmp_path, monkeypatch):
     monkeypatch.setattr(pfi, "load_state_dict_from_url", lambda *a, **k: state)
     reference = pfi.InceptionV3([pfi.InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).eval()
     ours = fidmod.InceptionFeatures(tmp_path / fidmod.PYTORCH_FID_FILE, resize="pytorch-fid")
-    images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (2, 3, 50, 70), dtype=np.uint8))
+    images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (1, 3, 50, 70), dtype=np.uint8))
     with torch.no_grad():
         want = reference(images.float() / 255)[0].flatten(1).double().numpy()
     np.testing.assert_allclose(ours(images), want, rtol=1e-4, atol=1e-5)
@@ -263,16 +262,16 @@ def test_cli_recon_scores_the_round_trip_and_agrees_with_compare(release, tmp_pa
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-hub"))  # no LPIPS weights: reported, not fatal
     monkeypatch.delenv("VISTOK_LPIPS_BACKBONE", raising=False)
-    res = _run(["bench", "recon", str(release), "builtin:photos", "--limit", "5", "--batch-size", "5",
+    res = _run(["bench", "recon", str(release), "builtin:photos", "--limit", "3", "--batch-size", "3",
                 "--save-recon", str(tmp_path / "rec"), "--json", str(tmp_path / "recon.json")])
     assert res.exit_code == 0, res.output
     out = json.loads((tmp_path / "recon.json").read_text())
-    assert out["images"] == 5 and out["lpips"] is None and "vgg16-397923af.pth" in out["errors"]["lpips"]
+    assert out["images"] == 3 and out["lpips"] is None and "vgg16-397923af.pth" in out["errors"]["lpips"]
     assert out["settings"]["rfid"]["resize"] == "clean" and out["settings"]["ssim"]["window"].startswith("Gaussian 11x11")
     tok = vistok.load_tokenizer(release)
-    names = [name for name, _ in builtin_photos()[:5]]
+    names = [name for name, _ in builtin_photos()[:3]]
     with torch.no_grad():
-        pixels = tok.preprocess([img for _, img in builtin_photos()[:5]])
+        pixels = tok.preprocess([img for _, img in builtin_photos()[:3]])
         want = to_uint8(tok.decode(latents=tok.encode(pixels).latents))
     originals = to_uint8(pixels)
     (tmp_path / "orig").mkdir()
@@ -535,3 +534,87 @@ def test_cli_retrieval_matches_recall_from_open_clip_embeddings(tiny_clip, tmp_p
     for k in (1, 5, 10):
         i2t, t2i = _brute_force_recall(sim, owner, k)
         assert (out[f"i2t_r{k}"], out[f"t2i_r{k}"]) == pytest.approx((i2t, t2i), abs=1e-6)
+
+
+# ------------------------------------------------------------------------------------------ vistok models
+def _stub_tokenizers():
+    """Minimal VisualTokenizer subclasses: one wraps an open_clip model (pooled + encode_text), one
+    emits ids (the quantised mean colour of each 8x8 patch, per channel as depth)."""
+    from vistok.tokenizers.base import TokenizerEncoding, VisualTokenizer
+
+    class ClipTokenizer(VisualTokenizer):
+        family = "test-clip"
+
+        def __init__(self, *, preprocess: dict = None):
+            super().__init__()
+            self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+        stride = 16
+
+        def encode(self, pixels):
+            mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
+            std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+            return TokenizerEncoding(grid=(3, 3), pooled=self.clip.encode_image(((pixels + 1) / 2 - mean) / std))
+
+        def encode_text(self, texts):
+            return self.clip.encode_text(self.text_tokenizer(texts))
+
+    class PatchColourTokenizer(VisualTokenizer):
+        family = "test-ids"
+
+        def __init__(self, *, preprocess: dict = None):
+            super().__init__()
+            self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+        stride = 8
+        codebooks = {"colour": CodebookSpec(size=8, depth=3, dim=1, shared=True)}
+
+        def encode(self, pixels):
+            means = torch.nn.functional.avg_pool2d(pixels, 8)  # (B, 3, h, w) in [-1, 1]
+            ids = ((means + 1) / 2 * 8).long().clamp(0, 7).permute(0, 2, 3, 1)
+            return TokenizerEncoding(grid=tuple(ids.shape[1:3]), ids={"colour": ids})
+
+    return ClipTokenizer, PatchColourTokenizer
+
+
+def test_zero_shot_of_a_vistok_tokenizer_uses_pooled_and_encode_text(tiny_clip, tmp_path):
+    import open_clip
+
+    from vistok.bench.zeroshot import VistokImageText, bench_zeroshot
+
+    clip_cls, _ = _stub_tokenizers()
+    tok = clip_cls(preprocess={"image_size": 48, "crop": "center"}).eval()
+    tok.clip = open_clip.create_model(TINY_ARCH, pretrained=str(tiny_clip)).eval()
+    tok.text_tokenizer = open_clip.get_tokenizer(TINY_ARCH)
+    root, names_file = _photo_folder(tmp_path / "val")
+    result = bench_zeroshot(VistokImageText(tok, "stub"), str(root), classnames=str(names_file), templates="simple",
+                            batch_size=4)
+    names = names_file.read_text().split("\n")[:-1]
+    classifier = open_clip.build_zero_shot_classifier(tok.clip, tok.text_tokenizer, names,
+                                                      open_clip.SIMPLE_IMAGENET_TEMPLATES)
+    files = sorted(root.rglob("*.png"))
+    with torch.no_grad():
+        pooled = tok.encode(tok.preprocess(files)).pooled
+    order = np.argsort(-(torch.nn.functional.normalize(pooled, dim=-1) @ classifier).numpy(), axis=1)
+    labels = np.array([int(f.parent.name[1:]) for f in files])
+    assert result.predictions == order[:, 0].tolist()
+    assert result.top1 == pytest.approx(np.mean(order[:, 0] == labels))
+    assert result.top5 == pytest.approx(np.mean([label in row[:5] for label, row in zip(labels, order)]))
+
+
+def test_codebook_benchmark_counts_the_models_ids(image_dir):
+    from vistok.bench.codebook import bench_codebook
+
+    _, ids_cls = _stub_tokenizers()
+    tok = ids_cls(preprocess={"image_size": 32, "crop": "center"}).eval()
+    result = bench_codebook(tok, resolve_images(str(image_dir)), batch_size=2)
+    with torch.no_grad():
+        ids = tok.encode(tok.preprocess(sorted(image_dir.iterdir()))).ids["colour"].numpy()
+    rows = {r.depth: r for r in result.rows}
+    assert result.images == 3 and set(rows) == {"0", "1", "2", "all"}
+    for depth in range(3):
+        counts = np.bincount(ids[..., depth].ravel(), minlength=8)
+        p = counts[counts > 0] / counts.sum()
+        assert rows[str(depth)].used == (counts > 0).sum()
+        assert rows[str(depth)].perplexity == pytest.approx(np.exp(-(p * np.log(p)).sum()))
+    assert rows["all"].tokens == ids.size

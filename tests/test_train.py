@@ -125,7 +125,7 @@ def test_non_finite_loss_stops_cleanly_keeping_the_last_checkpoint(tmp_path, mon
 
 
 def test_quickstart_short_run_improves_heldout_psnr_and_exports(tmp_path):
-    cfg = load_config("quickstart", ["train.steps=40", "train.save_every=40", "train.image_every=40",
+    cfg = load_config("quickstart", ["train.steps=40", "train.save_every=40", "train.image_every=40", "train.log_every=1",
                                      "data.eval_limit=12"])
     summary = _train(cfg, tmp_path / "qs")
     rows = [json.loads(line) for line in (tmp_path / "qs" / "metrics.jsonl").read_text().splitlines()]

@@ -41,12 +41,13 @@ def train_cmd(config, assignments, out_dir, resume, as_json):
 @click.argument("dst", type=click.Path(file_okay=False))
 @click.option("--step", type=int, default=None, help="Checkpoint step (default: the latest)")
 @click.option("--ema", is_flag=True, help="Export the EMA weights")
-def export_cmd(run_dir, dst, step, ema):
+@click.option("--json", "as_json", is_flag=True, help="JSON output")
+def export_cmd(run_dir, dst, step, ema, as_json):
     """Write a training run's checkpoint as a release directory DST (config.json + model.safetensors)."""
     from ..train.trainer import export_run
 
     path = export_run(run_dir, dst, step=step, ema=ema)
-    emit([{"run": run_dir, "step": step if step is not None else "latest", "ema": ema, "release": str(path)}])
+    emit([{"run": run_dir, "step": step if step is not None else "latest", "ema": ema, "release": str(path)}], as_json=as_json)
 
 
 COMMANDS = [train_cmd, export_cmd]
