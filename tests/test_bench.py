@@ -12,7 +12,7 @@ from PIL import Image, ImageFilter
 
 from vistok.bench import fid as fidmod
 from vistok.bench.codebook import CodeCounter
-from vistok.bench.data import ImageSet, image_folder, pair_by_name, resolve_images
+from vistok.bench.data import ImageItem, ImageSet, image_folder, pair_by_name, resolve_images
 from vistok.bench.metrics import psnr_uint8, ssim_uint8
 from vistok.bench.retrieval import read_captions, recall_at_k
 from vistok.builtin import builtin_photos
@@ -309,11 +309,17 @@ def test_corrupt_images_are_skipped_and_counted(image_dir, release, tmp_path):
     with pytest.raises(FileNotFoundError, match="list.txt:1"):
         resolve_images(str(listing))
     assert [i.name for i in resolve_images(str(image_dir), limit=2).items] == ["broken.png", "img0.png"]
+    res = _run(["bench", "recon", str(release), str(image_dir), "--metrics", "psnr", "--resolution", "30"])
+    assert res.exit_code == 1 and "does not fit the model's stride 4" in res.output
+    res = _run(["bench", "recon", str(release), str(tmp_path / "nowhere"), "--metrics", "psnr"])
+    assert res.exit_code == 1 and "DATA not found" in res.output
+    res = _run(["bench", "recon", str(release), str(image_dir), "--metrics", "psnr,fidd"])
+    assert res.exit_code == 1 and "unknown metric" in res.output
 
 
 def test_pairing_and_image_folder_helpers(tmp_path):
-    a = ImageSet("a", [type("I", (), {"name": n})() for n in ("x/1.png", "2.JPEG")])
-    b = ImageSet("b", [type("I", (), {"name": n})() for n in ("2.png", "x/1.png")])
+    a = ImageSet("a", [ImageItem(n, None) for n in ("x/1.png", "2.JPEG")])
+    b = ImageSet("b", [ImageItem(n, None) for n in ("2.png", "x/1.png")])
     assert [(p.name, q.name) for p, q in pair_by_name(a, b)] == [("2.JPEG", "2.png"), ("x/1.png", "x/1.png")]
     for c, n in (("b", 3), ("a", 1), ("c", 2)):
         (tmp_path / c).mkdir()
@@ -618,3 +624,46 @@ def test_codebook_benchmark_counts_the_models_ids(image_dir):
         assert rows[str(depth)].used == (counts > 0).sum()
         assert rows[str(depth)].perplexity == pytest.approx(np.exp(-(p * np.log(p)).sum()))
     assert rows["all"].tokens == ids.size
+
+
+def test_open_clip_local_dir_models_use_their_own_preprocessing(tiny_clip, tmp_path):
+    from safetensors.torch import save_file
+
+    from vistok.bench.zeroshot import load_open_clip
+
+    config = json.loads((tiny_clip.parent / f"{TINY_ARCH}.json").read_text())
+    preprocess = {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "interpolation": "bicubic", "resize_mode": "squash"}
+    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": config, "preprocess_cfg": preprocess}))
+    save_file(torch.load(tiny_clip, weights_only=True), str(tmp_path / "open_clip_model.safetensors"))
+    local = load_open_clip(f"open_clip:local-dir:{tmp_path}")
+    from_file = load_open_clip(f"open_clip:{TINY_ARCH}@{tiny_clip}")
+    assert local.preprocess_cfg["resize_mode"] == "squash" and tuple(local.preprocess_cfg["mean"]) == (0.5, 0.5, 0.5)
+    image = Image.fromarray(np.asarray(builtin_photos()[0][1])[:100, :150])  # not square: squash vs crop differ
+    x = local.transform(ImageItem("x", image))
+    assert x.shape == (3, 48, 48) and x.min() >= -1 and float(x.max()) <= 1  # mean = std = 0.5
+    with torch.no_grad():
+        torch.testing.assert_close(local.embed_images(x[None]), from_file.embed_images(x[None]))
+        torch.testing.assert_close(local.embed_texts(["a cat"]), from_file.embed_texts(["a cat"]))
+
+
+@pytest.mark.slow
+def test_compare_fid_equals_clean_fid_compute_fid(photos, tmp_path, wheel_features):
+    """End to end: clean-fid's own loading, resize, statistics and scipy sqrtm with the same network."""
+    from cleanfid import fid as cleanfid
+
+    for d in ("ref", "test"):
+        (tmp_path / d).mkdir()
+    for name, image in photos:
+        image.save(tmp_path / "ref" / f"{name}.png")
+        image.filter(ImageFilter.GaussianBlur(1)).save(tmp_path / "test" / f"{name}.png")
+    res = _run(["bench", "compare", str(tmp_path / "ref"), str(tmp_path / "test"), "--metrics", "fid", "--json", "-"])
+    assert res.exit_code == 0, res.output
+
+    def features(batch):  # clean mode hands float 0..255 images already resized to 299
+        with torch.no_grad():
+            return wheel_features.network(batch)
+
+    want = cleanfid.compute_fid(str(tmp_path / "ref"), str(tmp_path / "test"), mode="clean",
+                                custom_feat_extractor=features, device=torch.device("cpu"), num_workers=0,
+                                verbose=False)
+    assert json.loads(res.stdout)["fid"] == pytest.approx(want, rel=1e-5)

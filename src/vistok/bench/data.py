@@ -230,9 +230,9 @@ def iter_batches(items: Sequence, transform: Callable, *, skipped: list, batch_s
             for item, _, error in rows:
                 if error is not None:
                     skipped.append(Skipped(_item_name(item), error))
-            bar.update(len(rows))
             if good:
                 yield Batch([g[0] for g in good], [g[1] for g in good])
+            bar.update(len(rows))  # after the caller has processed the batch
 
 
 def _item_name(item) -> str:

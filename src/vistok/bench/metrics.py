@@ -15,10 +15,8 @@ Conventions (every metric takes two uint8 (B, 3, H, W) batches, reference and te
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence
 
-import numpy as np
 import torch
 
 SSIM_WINDOW, SSIM_SIGMA, SSIM_K1, SSIM_K2, DATA_RANGE = 11, 1.5, 0.01, 0.03, 255.0
@@ -150,11 +148,10 @@ class FID:
         self.features = InceptionFeatures(inception, resize=resize, device=device)
         self.reference, self.test = FeatureStats(), FeatureStats()
 
-    def update(self, reference: torch.Tensor, test: Optional[torch.Tensor]) -> None:
-        """`test` may be None, or of another size (FID does not pair images)."""
+    def update(self, reference: torch.Tensor, test: torch.Tensor) -> None:
+        """The two batches may differ in size (FID does not pair images)."""
         self.reference.update(self.features(reference))
-        if test is not None:
-            self.test.update(self.features(test))
+        self.test.update(self.features(test))
 
     def value(self) -> float:
         from .fid import fid_from_stats
@@ -188,7 +185,3 @@ def build_metrics(names: Sequence[str], *, fid_name: str = "fid", inception: Opt
 
 def parse_metric_list(text: str) -> list[str]:
     return [t.strip().lower() for t in text.split(",") if t.strip()]
-
-
-def finite_or_none(value: float) -> Optional[float]:
-    return value if math.isfinite(value) else None

@@ -216,14 +216,20 @@ def _fill(template, classname: str) -> str:
 
 @torch.no_grad()
 def zero_shot_classifier(model: ImageTextModel, classnames: Sequence[str], templates: Sequence,
-                         *, texts_per_batch: int = 256) -> torch.Tensor:
+                         *, texts_per_batch: int = 256, progress: Optional[str] = None) -> torch.Tensor:
     """(E, C): per class, the mean of the normalised template embeddings, re-normalised."""
+    import sys
+
+    from tqdm import tqdm
+
     per_batch = max(1, texts_per_batch // len(templates))
     columns = []
-    for start in range(0, len(classnames), per_batch):
-        chunk = classnames[start:start + per_batch]
-        emb = model.embed_texts([_fill(t, c) for c in chunk for t in templates])
-        columns.append(_normalise(emb.reshape(len(chunk), len(templates), -1).mean(1)).T.cpu())
+    with tqdm(total=len(classnames), desc=progress, unit="class", file=sys.stderr, disable=progress is None) as bar:
+        for start in range(0, len(classnames), per_batch):
+            chunk = classnames[start:start + per_batch]
+            emb = model.embed_texts([_fill(t, c) for c in chunk for t in templates])
+            columns.append(_normalise(emb.reshape(len(chunk), len(templates), -1).mean(1)).T.cpu())
+            bar.update(len(chunk))
     return torch.cat(columns, 1)
 
 
@@ -256,7 +262,8 @@ def bench_zeroshot(model: ImageTextModel, root: str, *, classnames: str = "image
                    progress: Optional[str] = None) -> ZeroShotResult:
     folders, images = image_folder(root, limit=limit)
     names, prompts = resolve_classnames(classnames, folders), resolve_templates(templates)
-    classifier = zero_shot_classifier(model, names, prompts, texts_per_batch=batch_size * 4)
+    classifier = zero_shot_classifier(model, names, prompts, texts_per_batch=batch_size * 4,
+                                      progress=progress and f"{progress} classifier")
     features, kept = embed_image_set(model, images, batch_size=batch_size, workers=workers, device=device,
                                      progress=progress)
     logits = features @ classifier

@@ -71,6 +71,8 @@ def convert_cmd(kind, src, dst, preset, scaling_factor, as_json):
     from ..convert import CONVERTERS
 
     log(f"converting {src} ({kind}) ...")
+    if scaling_factor is not None and kind != "mar-kl16":
+        raise ValueError(f"--scaling-factor applies to KL latents (mar-kl16), not to {kind}")
     extra = {"scaling_factor": scaling_factor} if scaling_factor is not None else {}
     report = CONVERTERS[kind](src, dst, preset=preset, **extra)
     emit([report], as_json=as_json)

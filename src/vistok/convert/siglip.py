@@ -12,7 +12,7 @@ def convert_siglip(src: str | Path, dst: str | Path, *, preset: Optional[str] = 
 
     preset = preset or "dualtoken-so400m-384"
     tok = create_tokenizer(preset, siglip_weights=str(src), **overrides)
-    tok.save_pretrained(dst)
+    tok.save_pretrained(dst, extra={"source": {"kind": "siglip", "file": Path(src).name, "preset": preset}})
     tower = tok.siglip.state_dict()
     return {"preset": preset, "tensors": len(tower), "parameters": tok.num_parameters(),
             "text_tower": hasattr(tok.siglip, "text"), "destination": str(dst)}

@@ -345,6 +345,8 @@ class DualTokenTokenizer(VisualTokenizer):
 
     def zero_shot_logits(self, pooled: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
         """SigLIP's calibrated logits exp(scale) * cos + bias."""
+        if not hasattr(self.siglip, "logit_scale"):
+            raise NotImplementedError("this tokenizer was built without the text tower (with_text=False)")
         image = F.normalize(pooled, dim=-1)
         return self.siglip.logit_scale.exp() * image @ text_features.T + self.siglip.logit_bias
 

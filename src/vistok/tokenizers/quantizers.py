@@ -5,8 +5,8 @@ What DualToken's code does (RQ-VAE lineage, reference/dualtoken.md section 2.4),
   per depth; nearest code by squared L2; straight-through gradients (rotation trick optional);
 - codebooks are not learned by gradient: EMA of per-code counts and sums (decay 0.99, Laplace
   smoothing), all-reduced across DDP ranks inside the training forward; counts start at 0;
-- dead-code restart: DualToken's rule (EMA count below a threshold) or the paper's wording (unused for
-  N steps), replacement vectors drawn from the current batch on rank 0 and broadcast, EMA state reset;
+- dead-code restart: DualToken's rule (EMA count below a threshold) or a literal "unused for
+  N steps" rule), replacement vectors drawn from the current batch on rank 0 and broadcast, EMA state reset;
 - commitment loss: DualToken's cumulative form or the per-depth form;
 - quantization in fp32 under autocast, buffers that stay fp32.
 
@@ -82,7 +82,7 @@ class ResidualQuantizer(nn.Module):
     dim: input channels; codebook_dim: code channels (a linear projection in/out when different);
     codebook_size, depth, shared_codebook; decay (0.99, not the library's 0.8); restart:
     "ema" (EMA count < restart_threshold, DualToken), "unused" (not hit for restart_unused_steps
-    steps, the paper's wording) or "none"; commitment: "cumulative" (DualToken: mean over depths of
+    steps, a literal reading of "dead codes") or "none"; commitment: "cumulative" (DualToken: mean over depths of
     MSE(z, sg(prefix sum))) or "per_depth" (the library's: each depth's input vs its code, summed);
     ema_schedule: "per_step" (one EMA update per forward from all depths, DualToken's "rq_ema") or
     "per_depth" (update after each depth, DualToken's pixel "rq"); initial_cluster_size: EMA counts at

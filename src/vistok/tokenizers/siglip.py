@@ -179,6 +179,12 @@ def build_text_tokenizer(spec: Optional[str], context_length: int):
 
     if spec == "simple":
         return SimpleTokenizer(context_length=context_length)
+    if spec:
+        try:
+            import transformers  # noqa: F401
+        except ImportError:
+            raise ImportError(f"text tokenizer {spec!r} is a Hugging Face tokenizer, which needs the transformers "
+                              "package: pip install transformers") from None
     if spec and spec.startswith("hf:"):
         return HFTokenizer(spec[3:], context_length=context_length, clean="canonicalize")
     if spec and os.path.isdir(spec):
@@ -186,5 +192,6 @@ def build_text_tokenizer(spec: Optional[str], context_length: int):
     if spec:
         raise FileNotFoundError(f"text tokenizer {spec!r} is neither 'simple', 'hf:NAME' nor a local directory")
     raise ValueError("no text tokenizer configured: SigLIP's tokenizer files cannot be downloaded here; set "
-                     "text_tokenizer to a local directory holding them (e.g. a saved timm/ViT-B-16-SigLIP "
-                     "tokenizer), 'hf:NAME' with a filled Hugging Face cache, or pass token ids to encode_text")
+                     "text_tokenizer to a local directory holding them (the tokenizer named by the open_clip "
+                     "config's text_cfg.hf_tokenizer_name, saved with save_pretrained), 'hf:NAME' with a filled "
+                     "Hugging Face cache, or pass token ids to encode_text")
