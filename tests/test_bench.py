@@ -305,6 +305,10 @@ def test_corrupt_images_are_skipped_and_counted(image_dir, release, tmp_path):
     listing = tmp_path / "list.txt"
     listing.write_text(f"# comment\n{image_dir / 'img2.png'}\n\n{image_dir / 'img0.png'}\n")
     assert [i.name for i in resolve_images(str(listing)).items] == [str(image_dir / "img2.png"), str(image_dir / "img0.png")]
+    res = _run(["bench", "recon", str(release), str(listing), "--metrics", "psnr", "--save-recon", str(tmp_path / "out")])
+    assert res.exit_code == 0, res.output
+    saved = sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*.png"))
+    assert saved == sorted(str(image_dir / f"img{i}").lstrip("/") + ".png" for i in (0, 2))  # inside out/
     listing.write_text("missing.png\n")
     with pytest.raises(FileNotFoundError, match="list.txt:1"):
         resolve_images(str(listing))

@@ -188,3 +188,35 @@ def test_two_process_gloo_ddp_keeps_ranks_identical(tmp_path):
     assert "pixel_quantizer.embed" in a
     start = vistok.create_tokenizer("tiny-dualtoken")  # training moved the weights
     assert not torch.equal(a["decoder.conv_out.weight"], start.state_dict()["decoder.conv_out.weight"])
+
+
+def _write_shards(directory, shards=2, per_shard=6, corrupt=(3,)):
+    import io
+    import tarfile
+
+    rng = np.random.default_rng(0)
+    directory.mkdir()
+    for shard in range(shards):
+        with tarfile.open(directory / f"{shard:05d}.tar", "w") as tar:
+            for i in range(per_shard):
+                buf = io.BytesIO()
+                Image.fromarray(rng.integers(0, 255, (72, 72, 3), dtype=np.uint8)).save(buf, "JPEG")
+                payloads = {"jpg": b"garbage" if i in corrupt else buf.getvalue(), "txt": f"caption {i}".encode()}
+                for ext, payload in payloads.items():
+                    info = tarfile.TarInfo(f"{shard}_{i}.{ext}")
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+    return str(directory / ("{00000..%05d}.tar" % (shards - 1)))
+
+
+def test_webdataset_shards_train_skip_corrupt_samples_and_resume_exactly(tmp_path):
+    urls = _write_shards(tmp_path / "shards")
+    base = [f"data.source={urls}", "data.eval_source=null", "data.shuffle_buffer=4", "train.batch_size=4",
+            "train.export=false", "train.save_every=2", "optim.schedule=constant", "optim.warmup_steps=0"]
+    once = _train(config(*base, "train.steps=6"), tmp_path / "once")
+    assert once["skipped_images"] >= 2  # one corrupt sample per shard pass
+    _train(config(*base, "train.steps=2"), tmp_path / "twice")
+    _train(config(*base, "train.steps=6"), tmp_path / "twice", resume=True)
+    a = load_file(str(tmp_path / "once" / "step_6" / "model.safetensors"))
+    b = load_file(str(tmp_path / "twice" / "step_6" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)

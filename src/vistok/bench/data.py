@@ -17,9 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
+import numpy as np
+import torch
 from PIL import Image
 
-from ..images import list_image_files, load_image
+from ..images import list_image_files, load_image, pil_to_pixels, preprocess_image
 
 BUILTIN_PREFIX = "builtin:"
 
@@ -129,9 +131,16 @@ def read_file_list(path: Path) -> list[ImageItem]:
 
 
 def image_name_stem(name: str) -> str:
-    """The name without its extension (reconstructions are written as PNG under this name)."""
+    """The name without its extension (the key that pairs images across folders)."""
     path = Path(name)
     return path.with_suffix("").as_posix() if path.suffix else name
+
+
+def output_name(name: str) -> str:
+    """A relative path, without extension, to save an image under: absolute list entries lose their
+    root and `..` parts are dropped, so outputs always stay inside the output directory."""
+    parts = [p for p in Path(image_name_stem(name)).parts if p not in ("..", ".") and p != Path(p).anchor]
+    return "/".join(parts) or "image"
 
 
 def pair_by_name(reference: ImageSet, test: ImageSet) -> list[tuple[ImageItem, ImageItem]]:
@@ -176,12 +185,7 @@ class Preprocessed:
     def __init__(self, cfg, *, uint8: bool = False):
         self.cfg, self.uint8 = cfg, uint8
 
-    def __call__(self, item: ImageItem):
-        import numpy as np
-        import torch
-
-        from ..images import pil_to_pixels, preprocess_image
-
+    def __call__(self, item: ImageItem) -> torch.Tensor:
         image = preprocess_image(load_item(item), self.cfg, name=item.name)
         if not self.uint8:
             return pil_to_pixels(image)
@@ -216,7 +220,6 @@ def iter_batches(items: Sequence, transform: Callable, *, skipped: list, batch_s
     Items whose transform raises ValueError/OSError are appended to `skipped` as `Skipped` and left
     out of the batches. `progress` is the label of a progress bar on stderr (None: no bar).
     """
-    import torch
     from tqdm import tqdm
 
     if batch_size < 1:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..images import PreprocessConfig, to_uint8
-from .data import ImageSet, Preprocessed, Skipped, image_name_stem, iter_batches, load_item, pair_by_name
+from .data import ImageSet, Preprocessed, Skipped, iter_batches, load_item, output_name, pair_by_name
 from .metrics import UINT8_RULE
 
 
@@ -69,7 +69,7 @@ def _save_pngs(images: torch.Tensor, names: Sequence[str], directory: Path) -> N
     from PIL import Image
 
     for image, name in zip(images.permute(0, 2, 3, 1).cpu().numpy(), names):
-        path = directory / f"{image_name_stem(name)}.png"
+        path = directory / f"{output_name(name)}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(image).save(path)
 
@@ -77,7 +77,7 @@ def _save_pngs(images: torch.Tensor, names: Sequence[str], directory: Path) -> N
 def _check_output_names(images: ImageSet) -> None:
     seen: dict[str, str] = {}
     for item in images.items:
-        stem = image_name_stem(item.name)
+        stem = output_name(item.name)
         if stem in seen:
             raise ValueError(f"{seen[stem]} and {item.name} would both be saved as {stem}.png; rename one")
         seen[stem] = item.name

@@ -186,38 +186,54 @@ def next_position(batch: dict, per_rank: int) -> tuple[int, int]:
 
 
 # ---------------------------------------------------------------------------------------- webdataset
-def webdataset_stream(urls: str, augment: Augment, *, seed: int, shuffle_buffer: int, skip: int = 0):
-    """Image(-text) samples from tar shards (jpg/png/webp + optional txt), split by rank and worker.
-    Resuming skips the samples this rank already consumed (exact with workers=0)."""
-    import webdataset as wds
+class WebDatasetStream(torch.utils.data.IterableDataset):
+    """Image(-text) samples from tar shards (jpg/png/webp + optional txt), split by rank and worker,
+    repeated pass after pass. Resuming skips (without decoding) the samples this rank already
+    consumed, counted across passes; exact with workers=0."""
 
-    counter = {"n": 0}
+    def __init__(self, urls: str, augment: Augment, *, seed: int, shuffle_buffer: int, skip: int = 0):
+        self.urls, self.augment, self.seed = urls, augment, seed
+        self.shuffle_buffer, self.skip = shuffle_buffer, skip
 
-    def decode(sample):
-        image_key = next((k for k in ("jpg", "jpeg", "png", "webp") if k in sample), None)
-        caption = sample.get("txt", b"").decode("utf-8", "replace") if isinstance(sample.get("txt"), bytes) else ""
+    def _one_pass(self, epoch: int):
+        import random
+
+        import webdataset as wds
+
+        pipeline = wds.WebDataset(self.urls, shardshuffle=False, nodesplitter=wds.split_by_node,
+                                  workersplitter=wds.split_by_worker, empty_check=False)
+        if self.shuffle_buffer > 1:
+            pipeline = pipeline.shuffle(self.shuffle_buffer, rng=random.Random(self.seed + epoch))
+        return pipeline
+
+    def _decode(self, sample: dict, n: int) -> dict:
+        import io
+
         name = sample.get("__key__", "?")
-        n = counter["n"]
-        counter["n"] += 1
+        caption = sample["txt"].decode("utf-8", "replace") if isinstance(sample.get("txt"), bytes) else ""
         try:
+            image_key = next((k for k in ("jpg", "jpeg", "png", "webp") if k in sample), None)
             if image_key is None:
                 raise ValueError("no image in the sample")
-            import io
-
             image = Image.open(io.BytesIO(sample[image_key]))
             image.load()
-            pixels = augment(image.convert("RGB"), sample_generator(seed, 0, n))
+            pixels = self.augment(image.convert("RGB"), sample_generator(self.seed, 0, n))
             return {"pixels": pixels, "caption": caption, "key": (0, n, n), "skipped": []}
         except Exception as exc:  # a corrupt sample is skipped and counted
             return {"pixels": None, "caption": caption, "key": (0, n, n), "skipped": [f"{name}: {exc}"]}
 
-    pipeline = wds.WebDataset(urls, shardshuffle=False, nodesplitter=wds.split_by_node,
-                              workersplitter=wds.split_by_worker, empty_check=False)
-    if shuffle_buffer > 1:
-        import random
-
-        pipeline = pipeline.shuffle(shuffle_buffer, rng=random.Random(seed))
-    return pipeline.map(decode).slice(skip, None) if skip else pipeline.map(decode)
+    def __iter__(self):
+        n, epoch = 0, 0
+        while True:
+            produced = False
+            for sample in self._one_pass(epoch):
+                produced = True
+                if n >= self.skip:
+                    yield self._decode(sample, n)
+                n += 1
+            if not produced:
+                raise ValueError(f"no samples in {self.urls} for this rank / worker (fewer shards than processes?)")
+            epoch += 1
 
 
 def collate_stream(samples: list[dict]) -> dict:

@@ -22,11 +22,13 @@ import torch.distributed as dist
 from torch import nn
 
 from ..fileio import atomic_path
+from ..bench.metrics import psnr_uint8
+from ..bench.recon import reconstruct
 from ..images import pixels_to_pil, to_uint8
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import RunConfig
 from .data import (Augment, ImageDataset, ResumableBatchSampler, collate, collate_stream, is_webdataset,
-                   next_position, read_items, webdataset_stream)
+                   next_position, read_items, WebDatasetStream)
 from .objectives import Objective, objective_class
 
 CONFIG_NAME = "config.json"
@@ -125,21 +127,6 @@ def _all_reduce_grads(module: nn.Module, world: int) -> None:
             p.grad.div_(world)
 
 
-def psnr_uint8(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per-image PSNR (dB) of [-1, 1] images after rounding both to uint8."""
-    a, b = to_uint8(a).float(), to_uint8(b).float()
-    mse = (a - b).pow(2).flatten(1).mean(1)
-    return 10 * torch.log10(255.0 ** 2 / mse.clamp_min(1e-10))
-
-
-@torch.no_grad()
-def reconstruct(model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
-    enc = model.encode(pixels)
-    if enc.ids:
-        return model.decode(ids=enc.ids)
-    return model.decode(latents=enc.latents)
-
-
 # ---------------------------------------------------------------------------------------------- trainer
 class Trainer:
     def __init__(self, cfg: RunConfig, out_dir: str | os.PathLike, *, resume: bool = False, quiet: bool = False):
@@ -221,7 +208,7 @@ class Trainer:
         augment = Augment(self.model.preprocess_config, d.crop_scale, d.hflip)
         if is_webdataset(d.source):
             consumed = self.position[1]
-            stream = webdataset_stream(d.source, augment, seed=t.seed, shuffle_buffer=d.shuffle_buffer, skip=consumed)
+            stream = WebDatasetStream(d.source, augment, seed=t.seed, shuffle_buffer=d.shuffle_buffer, skip=consumed)
             self.per_rank = None
             return torch.utils.data.DataLoader(stream, batch_size=t.batch_size, num_workers=d.workers,
                                                collate_fn=collate_stream, generator=torch.Generator())
@@ -332,7 +319,9 @@ class Trainer:
         was = self.model.training
         self.model.eval()
         try:
-            scores = [psnr_uint8(reconstruct(self.model, chunk), chunk) for chunk in pixels.split(16)]
+            with torch.no_grad():
+                scores = [psnr_uint8(to_uint8(chunk), to_uint8(reconstruct(self.model, chunk)))
+                          for chunk in pixels.split(16)]
         finally:
             self.model.train(was)
         return float(torch.cat(scores).mean())
