@@ -220,3 +220,25 @@ def test_webdataset_shards_train_skip_corrupt_samples_and_resume_exactly(tmp_pat
     a = load_file(str(tmp_path / "once" / "step_6" / "model.safetensors"))
     b = load_file(str(tmp_path / "twice" / "step_6" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_kl_recipe_trains_and_its_loss_matches_the_ldm_formula(tmp_path):
+    from vistok.losses.kl import LDMKLLoss
+
+    cfg = load_config("kl-tiny", ["train.log_every=1", "train.export=false", "data.eval_limit=8"])
+    _train(cfg, tmp_path / "kl")
+    rows = [json.loads(line) for line in (tmp_path / "kl" / "metrics.jsonl").read_text().splitlines()]
+    first, last = np.mean([r["l1"] for r in rows[:5]]), np.mean([r["l1"] for r in rows[-5:]])
+    assert last < 0.85 * first
+    assert rows[-1]["logvar"] != 0.0 and "d_loss" in rows[-1]  # logvar is trained; the GAN switched on
+
+    torch.manual_seed(0)
+    tok = vistok.create_tokenizer("tiny-kl")
+    loss = LDMKLLoss(perceptual_weight=0.0, logvar_init=0.3, disc_start=10 ** 9)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    out = tok(x)
+    got = loss(tok, out, x, step=0)
+    post = out.posterior
+    kl = 0.5 * (post.mean ** 2 + post.var - 1 - post.logvar).sum() / 2
+    nll = ((x - out.reconstruction).abs() / np.exp(0.3) + 0.3).sum() / 2
+    torch.testing.assert_close(got.total, nll + 1e-6 * kl)

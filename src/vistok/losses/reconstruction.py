@@ -142,3 +142,29 @@ class ReconstructionLoss(nn.Module):
         if not self.gan_active(step):
             return x.new_zeros(())
         return discriminator_loss(self.discriminator(x), self.discriminator(x_hat.detach()), self.d_loss)
+
+
+class NLayerDiscriminator(nn.Module):
+    """pix2pix / taming PatchGAN (LDM and LlamaGen): 4x4 convs, BatchNorm, LeakyReLU 0.2, N(0, 0.02)
+    conv init (BatchNorm weights N(1, 0.02)); (B, 1, ~H/8, ~W/8) logits for 3 layers."""
+
+    def __init__(self, *, in_channels: int = 3, ndf: int = 64, n_layers: int = 3):
+        super().__init__()
+        layers: list[nn.Module] = [nn.Conv2d(in_channels, ndf, 4, 2, 1), nn.LeakyReLU(0.2, True)]
+        mult = 1
+        for n in range(1, n_layers + 1):
+            prev, mult = mult, min(2 ** n, 8)
+            stride = 2 if n < n_layers else 1
+            layers += [nn.Conv2d(ndf * prev, ndf * mult, 4, stride, 1, bias=False), nn.BatchNorm2d(ndf * mult),
+                       nn.LeakyReLU(0.2, True)]
+        layers.append(nn.Conv2d(ndf * mult, 1, 4, 1, 1))
+        self.main = nn.Sequential(*layers)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, 0.0, 0.02)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.normal_(m.weight, 1.0, 0.02)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.main(x)

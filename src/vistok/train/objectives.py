@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..losses.dualtoken import DualTokenLoss, LossOutput
+from ..losses.kl import LDMKLLoss
 
 
 class Objective:
@@ -69,7 +70,27 @@ class DualTokenObjective(Objective):
         return self.loss.discriminator_loss(out, pixels, step=step)
 
 
-OBJECTIVES = {o.family: o for o in (DualTokenObjective,)}
+class KLObjective(Objective):
+    """LDM / MAR KL-16: a sampled posterior, L1 + LPIPS under a learned log-variance, KL, PatchGAN."""
+
+    family = "kl"
+    loss_class = LDMKLLoss
+
+    def gan_active(self, step: int) -> bool:
+        return self.loss.gan_active(step)
+
+    def generator_step(self, model, raw_model, pixels, step):
+        out = model(pixels)
+        return self.loss(raw_model, out, pixels, step=step), out
+
+    def discriminator_loss(self, out, pixels, step):
+        return self.loss.discriminator_loss(out, pixels, step=step) if self.gan_active(step) else None
+
+    def extra_parameters(self) -> list[nn.Parameter]:
+        return [self.loss.logvar]
+
+
+OBJECTIVES = {o.family: o for o in (DualTokenObjective, KLObjective)}
 
 
 def objective_class(family: str) -> type[Objective]:

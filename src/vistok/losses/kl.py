@@ -1,0 +1,72 @@
+"""The LDM AutoencoderKL objective that MAR's KL-16 follows (`LPIPSWithDiscriminator`):
+
+    rec   = |x - x_hat| + perceptual_weight * LPIPS(x, x_hat)            (per pixel)
+    nll   = sum(rec / exp(logvar) + logvar) / B                           (logvar: a learned scalar)
+    L_G   = nll + kl_weight * KL(q(z|x) || N(0, I)) / B + w_adapt * disc_factor(step) * (-mean D(x_hat))
+    w_adapt = disc_weight * clamp(||grad nll|| / (||grad g|| + 1e-4), 0, 1e4) at the decoder's last layer
+    L_D   = disc_factor(step) * 0.5 * (mean relu(1 - D(x)) + mean relu(1 + D(x_hat)))
+
+Defaults are LDM kl-f16's: KL weight 1e-6, discriminator (pix2pix PatchGAN) from step 50001 with
+weight 0.5.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .dualtoken import LossOutput
+from .lpips import FrozenLPIPS
+from .reconstruction import NLayerDiscriminator, adaptive_weight, discriminator_loss, generator_adversarial_loss
+
+
+class LDMKLLoss(nn.Module):
+    def __init__(self, *, kl_weight: float = 1e-6, perceptual_weight: float = 1.0, logvar_init: float = 0.0,
+                 disc_start: int = 50001, disc_weight: float = 0.5, disc_factor: float = 1.0,
+                 lpips_net: str = "vgg", lpips_backbone: Optional[str] = None, discriminator: Optional[dict] = None):
+        super().__init__()
+        self.kl_weight, self.perceptual_weight = kl_weight, perceptual_weight
+        self.disc_start, self.disc_weight, self.disc_factor = disc_start, disc_weight, disc_factor
+        self.logvar = nn.Parameter(torch.tensor(float(logvar_init)))
+        self.lpips = FrozenLPIPS(lpips_net, lpips_backbone) if perceptual_weight > 0 else None
+        self.discriminator = NLayerDiscriminator(**(discriminator or {})) if disc_factor > 0 else None
+
+    def gan_active(self, step: int) -> bool:
+        return self.discriminator is not None and step >= self.disc_start
+
+    def _perceptual(self, x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if self.lpips is None:
+            return x.new_zeros(())
+        net = self.lpips._lpips
+        dtype = next(net.parameters()).dtype
+        return net(x.to(dtype), x_hat.to(dtype))  # (B, 1, 1, 1), broadcast over pixels as in LDM
+
+    def forward(self, model, out, pixels: torch.Tensor, *, step: int) -> LossOutput:
+        x, x_hat = pixels.float(), out.reconstruction.float()
+        batch = x.shape[0]
+        rec = (x - x_hat).abs() + self.perceptual_weight * self._perceptual(x_hat, x)
+        nll = (rec / torch.exp(self.logvar) + self.logvar).sum() / batch
+        kl = out.posterior.kl().float().sum() / batch
+        total = nll + self.kl_weight * kl
+        g_loss = weight = x.new_zeros(())
+        if self.gan_active(step):
+            self.discriminator.requires_grad_(False)
+            try:
+                g_loss = generator_adversarial_loss(self.discriminator(x_hat))
+            finally:
+                self.discriminator.requires_grad_(True)
+            if torch.is_grad_enabled():
+                weight = self.disc_weight * adaptive_weight(nll, g_loss, model.decoder.last_layer, clamp=(0.0, 1e4))
+            total = total + weight * self.disc_factor * g_loss
+        terms = {"nll": nll, "kl": kl, "l1": (x - x_hat).abs().mean(), "logvar": self.logvar, "gan": g_loss,
+                 "gan_weight": weight}
+        return LossOutput(total, {k: v.detach().float() for k, v in terms.items()})
+
+    def discriminator_loss(self, out, pixels: torch.Tensor, *, step: int) -> torch.Tensor:
+        if not self.gan_active(step):
+            return pixels.new_zeros(())
+        real = self.discriminator(pixels.float())
+        fake = self.discriminator(out.reconstruction.detach().float())
+        return self.disc_factor * discriminator_loss(real, fake, "hinge")
