@@ -242,3 +242,18 @@ def test_kl_recipe_trains_and_its_loss_matches_the_ldm_formula(tmp_path):
     kl = 0.5 * (post.mean ** 2 + post.var - 1 - post.logvar).sum() / 2
     nll = ((x - out.reconstruction).abs() / np.exp(0.3) + 0.3).sum() / 2
     torch.testing.assert_close(got.total, nll + 1e-6 * kl)
+
+
+def test_training_from_an_init_release_with_overrides_and_export(tmp_path):
+    torch.manual_seed(3)
+    init = vistok.create_tokenizer("tiny-dualtoken")
+    init.save_pretrained(tmp_path / "init")
+    cfg = config("train.steps=2", "train.save_every=2", f"model.init={tmp_path / 'init'}",
+                 "train.grad_checkpointing=true", "data.eval_source=null")
+    trainer = Trainer(cfg, tmp_path / "run", quiet=True)
+    assert trainer.model.siglip.grad_checkpointing
+    start = trainer.model.state_dict()["siglip.visual.trunk.pos_embed"].clone()
+    assert torch.equal(start, init.state_dict()["siglip.visual.trunk.pos_embed"])  # init weights loaded
+    summary = trainer.fit()
+    release = vistok.load_tokenizer(summary["export"])
+    assert not hasattr(release, "teacher") and release.config["grad_checkpointing"] is False

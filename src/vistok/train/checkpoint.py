@@ -66,8 +66,10 @@ def latest_checkpoint(run_dir: Path) -> Optional[Path]:
 
 
 def save_checkpoint(run_dir: Path, step: int, *, modules: dict[str, torch.nn.Module],
-                    states: dict[str, object], trainer_state: dict, keep_last: int) -> Path:
-    """modules -> <name>.safetensors; states (optimizers, schedulers: their state_dict()) -> <name>.pt."""
+                    states: dict[str, object], trainer_state: dict, keep_last: int,
+                    rng_states: Optional[list] = None) -> Path:
+    """modules -> <name>.safetensors; states (optimizers, schedulers: their state_dict()) -> <name>.pt;
+    rng_states: one `rng_state()` per rank (default: this process's only)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     final = run_dir / f"step_{step}"
     tmp = Path(tempfile.mkdtemp(prefix=f".step_{step}.", dir=run_dir))
@@ -76,8 +78,10 @@ def save_checkpoint(run_dir: Path, step: int, *, modules: dict[str, torch.nn.Mod
             save_file(_state_dict_tensors(module), str(tmp / f"{name}.safetensors"))
         for name, state in states.items():
             torch.save(state.state_dict(), tmp / f"{name}.pt")
-        rng_tensors, rng_meta = rng_state()
-        save_file(rng_tensors, str(tmp / "rng.safetensors"))
+        per_rank = rng_states or [rng_state()]
+        save_file({f"{r}.{k}": v for r, (tensors, _) in enumerate(per_rank) for k, v in tensors.items()},
+                  str(tmp / "rng.safetensors"))
+        rng_meta = [meta for _, meta in per_rank]
         (tmp / STATE_NAME).write_text(json.dumps({**trainer_state, "step": step, "rng": rng_meta}) + "\n")
         if final.exists():
             shutil.rmtree(final)
@@ -90,8 +94,10 @@ def save_checkpoint(run_dir: Path, step: int, *, modules: dict[str, torch.nn.Mod
     return final
 
 
-def load_checkpoint(path: Path, *, modules: dict[str, torch.nn.Module], states: dict[str, object]) -> dict:
-    """Load modules strictly and optimizer/scheduler states; restore RNG; return the trainer state."""
+def load_checkpoint(path: Path, *, modules: dict[str, torch.nn.Module], states: dict[str, object],
+                    rank: int = 0) -> dict:
+    """Load modules strictly and optimizer/scheduler states; restore this rank's RNG streams (a run
+    resumed on a different number of processes reuses them cyclically); return the trainer state."""
     from ..tokenizers.base import load_state_dict_strict
 
     meta = json.loads((path / STATE_NAME).read_text())
@@ -105,5 +111,8 @@ def load_checkpoint(path: Path, *, modules: dict[str, torch.nn.Module], states: 
         if not file.is_file():
             raise FileNotFoundError(f"checkpoint {path} lacks {file.name}")
         obj.load_state_dict(torch.load(file, map_location="cpu", weights_only=True))
-    set_rng_state(load_file(str(path / "rng.safetensors")), meta["rng"])
+    saved = load_file(str(path / "rng.safetensors"))
+    which = rank % len(meta["rng"])
+    prefix = f"{which}."
+    set_rng_state({k[len(prefix):]: v for k, v in saved.items() if k.startswith(prefix)}, meta["rng"][which])
     return meta

@@ -40,6 +40,7 @@ class OptimConfig:
     disc_lr: Optional[float] = None  # None: the main lr
     disc_betas: tuple = (0.5, 0.9)
     disc_min_lr: float = 4e-5
+    disc_warmup_steps: Optional[int] = None  # None: warmup_steps (DualToken: half an epoch)
 
 
 @dataclass

@@ -5,7 +5,7 @@ each rank takes a disjoint slice of a per-epoch permutation, and every sample's 
 from a generator seeded by (seed, epoch, index). The data position is therefore two integers, and a
 resumed run sees exactly the batches an uninterrupted one would, whatever the worker count.
 
-A corrupt or unreadable image is replaced by the next readable one in the same epoch order,
+A corrupt or unreadable image is replaced by the next readable one in list order (index + 1, ...),
 counted and reported to the trainer, never fatal.
 """
 
@@ -194,6 +194,7 @@ class WebDatasetStream(torch.utils.data.IterableDataset):
     def __init__(self, urls: str, augment: Augment, *, seed: int, shuffle_buffer: int, skip: int = 0):
         self.urls, self.augment, self.seed = urls, augment, seed
         self.shuffle_buffer, self.skip = shuffle_buffer, skip
+        self.stream = 0
 
     def _one_pass(self, epoch: int):
         import random
@@ -217,18 +218,25 @@ class WebDatasetStream(torch.utils.data.IterableDataset):
                 raise ValueError("no image in the sample")
             image = Image.open(io.BytesIO(sample[image_key]))
             image.load()
-            pixels = self.augment(image.convert("RGB"), sample_generator(self.seed, 0, n))
+            pixels = self.augment(image.convert("RGB"), sample_generator(self.seed, self.stream, n))
             return {"pixels": pixels, "caption": caption, "key": (0, n, n), "skipped": []}
         except Exception as exc:  # a corrupt sample is skipped and counted
             return {"pixels": None, "caption": caption, "key": (0, n, n), "skipped": [f"{name}: {exc}"]}
 
     def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        # batches come round-robin from the workers, so each consumed about 1/workers of the count
+        # (exact with workers=0); each (rank, worker) stream has its own augmentation seeds
+        skip = self.skip // workers + (1 if worker < self.skip % workers else 0)
+        self.stream = rank * 4096 + worker
         n, epoch = 0, 0
         while True:
             produced = False
             for sample in self._one_pass(epoch):
                 produced = True
-                if n >= self.skip:
+                if n >= skip:
                     yield self._decode(sample, n)
                 n += 1
             if not produced:

@@ -13,6 +13,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -25,7 +26,7 @@ from ..fileio import atomic_path
 from ..bench.metrics import psnr_uint8
 from ..bench.recon import reconstruct
 from ..images import pixels_to_pil, to_uint8
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint
 from .config import RunConfig
 from .data import (Augment, ImageDataset, ResumableBatchSampler, collate, collate_stream, is_webdataset,
                    next_position, read_items, WebDatasetStream)
@@ -62,15 +63,24 @@ def setup_distributed() -> Dist:
     return Dist(rank, world, local, device)
 
 
-def build_model(cfg: RunConfig, overrides: Optional[dict] = None) -> nn.Module:
-    from ..tokenizers.registry import create_tokenizer, load_tokenizer
+def build_model(cfg: RunConfig, overrides: Optional[dict] = None, *, load_init: bool = True) -> nn.Module:
+    """The preset (random weights) or the `model.init` release directory, with the config's overrides;
+    an init release's weights are loaded strictly (skipped with load_init=False, e.g. for export)."""
+    from pathlib import Path
+
+    from ..tokenizers.base import load_state_dict_strict, read_release, tokenizer_class
+    from ..tokenizers.registry import create_tokenizer
 
     args = {**cfg.model.overrides, **(overrides or {})}
     if cfg.train.grad_checkpointing:
         args["grad_checkpointing"] = True
-    if cfg.model.init:
-        return load_tokenizer(cfg.model.init, **args)
-    return create_tokenizer(cfg.model.preset, **args)
+    if not cfg.model.init:
+        return create_tokenizer(cfg.model.preset, **args)
+    config, weights = read_release(Path(cfg.model.init))
+    model = tokenizer_class(config["_class_name"])(**{**config["model_args"], **args})
+    if load_init:
+        load_state_dict_strict(model, weights, target=f"model.init {cfg.model.init}")
+    return model
 
 
 def param_groups(model: nn.Module, extra: list[nn.Parameter], weight_decay: float) -> list[dict]:
@@ -136,8 +146,7 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self.model = build_model(cfg).to(self.dist.device).train()
         self.objective: Objective = objective_class(cfg.family)(cfg.loss)
-        if self.objective.discriminator is not None:
-            self.objective.loss.to(self.dist.device)
+        self.objective.loss.to(self.dist.device)  # discriminator, LPIPS, learned log-variance
         self._build_optimizers()
         self.ema = WeightEMA(self.model, cfg.train.ema_decay).to(self.dist.device) if cfg.train.ema_decay else None
         self.step, self.position, self.skipped_total = 0, (0, 0), 0
@@ -164,8 +173,9 @@ class Trainer:
         if disc is not None:
             d_lr = o.disc_lr or o.lr
             self.d_opt = torch.optim.Adam(disc.parameters(), lr=d_lr, betas=tuple(o.disc_betas), weight_decay=0.0)
+            warmup = o.warmup_steps if o.disc_warmup_steps is None else o.disc_warmup_steps
             self.d_sched = torch.optim.lr_scheduler.LambdaLR(
-                self.d_opt, lr_lambda(o.warmup_steps, t.steps, o.schedule, min(1.0, o.disc_min_lr / d_lr)))
+                self.d_opt, lr_lambda(warmup, t.steps, o.schedule, min(1.0, o.disc_min_lr / d_lr)))
 
     def _state_parts(self) -> tuple[dict, dict]:
         modules = {"model": self.model}
@@ -190,17 +200,27 @@ class Trainer:
                     raise ValueError(f"--resume: the {section!r} section differs from the run's saved config "
                                      f"({self.out / CONFIG_NAME}); resume with the same config")
         modules, states = self._state_parts()
-        meta = load_checkpoint(path, modules=modules, states=states)
+        meta = load_checkpoint(path, modules=modules, states=states, rank=self.dist.rank)
         self.step, self.position = int(meta["step"]), tuple(meta["data_position"])
         self.skipped_total = int(meta.get("skipped_images", 0))
         self.checkpoint_loaded = path
 
-    def save(self) -> Path:
-        modules, states = self._state_parts()
-        state = {"data_position": list(self.position), "skipped_images": self.skipped_total,
-                 "world_size": self.dist.world, "family": self.cfg.family}
-        return save_checkpoint(self.out, self.step, modules=modules, states=states, trainer_state=state,
-                               keep_last=self.cfg.train.keep_last)
+    def save(self) -> Optional[Path]:
+        """Called on every rank (the RNG streams are gathered); rank 0 writes, the others wait."""
+        rngs = [rng_state()]
+        if self.dist.world > 1:
+            rngs = [None] * self.dist.world
+            dist.all_gather_object(rngs, rng_state())
+        path = None
+        if self.dist.main:
+            modules, states = self._state_parts()
+            state = {"data_position": list(self.position), "skipped_images": self.skipped_total,
+                     "world_size": self.dist.world, "family": self.cfg.family}
+            path = save_checkpoint(self.out, self.step, modules=modules, states=states, trainer_state=state,
+                                   keep_last=self.cfg.train.keep_last, rng_states=rngs)
+        if self.dist.world > 1:
+            dist.barrier()
+        return path
 
     # ------------------------------------------------------------------ data
     def _loader(self):
@@ -284,8 +304,13 @@ class Trainer:
             if self.dist.world > 1:
                 _all_reduce_grads(disc, self.dist.world)
             self.d_opt.step()
-            self.d_sched.step()
             self.d_opt.zero_grad(set_to_none=True)
+        if self.d_sched is not None:
+            # on the global step: warmup and cosine follow the run, also before the GAN starts (when torch
+            # warns that the scheduler steps without its optimizer)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+                self.d_sched.step()
         if self.ema is not None:
             self.ema.update(self.model)
         self.step += 1
@@ -300,7 +325,10 @@ class Trainer:
 
     def log(self, message: str) -> None:
         if self.dist.main and not self.quiet:
-            print(message, file=sys.stderr, flush=True)
+            if getattr(self, "progress", None) is not None:
+                self.progress.write(message, file=sys.stderr)
+            else:
+                print(message, file=sys.stderr, flush=True)
 
     def _codebook_stats(self) -> dict:
         out = {}
@@ -359,11 +387,12 @@ class Trainer:
 
             writer = SummaryWriter(str(self.out / "tensorboard"))
         batches = iter(self._loader())
-        progress = None
+        progress = self.progress = None
         if self.dist.main and not self.quiet:
             from tqdm import tqdm
 
-            progress = tqdm(total=t.steps, initial=self.step, desc="train", file=sys.stderr, dynamic_ncols=True)
+            progress = self.progress = tqdm(total=t.steps, initial=self.step, desc="train", file=sys.stderr,
+                                            dynamic_ncols=True)
         started = time.time()
         try:
             while self.step < t.steps:
@@ -383,10 +412,7 @@ class Trainer:
                 if self.step % t.image_every == 0:
                     self.save_images(eval_pixels)
                 if self.step % t.save_every == 0 or self.step == t.steps:
-                    if self.dist.main:
-                        self.save()
-                    if self.dist.world > 1:
-                        dist.barrier()
+                    self.save()
         finally:
             if progress is not None:
                 progress.close()
@@ -418,7 +444,7 @@ def export_run(run_dir: str | os.PathLike, dst: str | os.PathLike, *, step: Opti
         raise FileNotFoundError(f"no checkpoint {'step_' + str(step) if step is not None else ''} under {run_dir}")
     objective = objective_class(cfg.family)
     cfg.train.grad_checkpointing = False
-    model = build_model(cfg, overrides=objective.export_overrides)
+    model = build_model(cfg, overrides=objective.export_overrides, load_init=False)
     state = load_file(str(path / "model.safetensors"))
     if ema:
         if not (path / "ema.safetensors").is_file():
