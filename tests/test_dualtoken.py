@@ -333,3 +333,38 @@ def test_siglip_weights_with_wrong_architecture_fail_naming_keys(open_clip_tiny,
     with pytest.raises(ValueError, match="attn_pool.latent") as info:
         vistok.create_tokenizer("tiny-dualtoken", siglip_weights=str(tmp_path / "bad.safetensors"))
     assert "visual.trunk.extra" in str(info.value)
+
+
+def test_total_loss_composition_and_adaptive_weight_by_hand(tiny, photos):
+    """total = 1 x (5 feat + 1 pooled) + 5 x sum(commit) + 5 x MSE + 1 x LPIPS + w x 0.75 x G, with
+    w = clamp(|d MSE / dW| / (|d G / dW| + 1e-4), 0.3, 10) at the decoder's last layer."""
+    tiny.train()
+    loss_fn = DualTokenLoss(lpips_weight=0.0, gan_start=0)
+    x = photos[:2]
+    out = tiny(x)
+    got = loss_fn(tiny, out, x, step=0)
+    t = got.terms
+    w_layer = tiny.decoder.last_layer
+    mse = ((out.reconstruction - x) ** 2).mean()
+    g = -loss_fn.discriminator(out.reconstruction).mean()
+    grad_mse = torch.autograd.grad(mse, w_layer, retain_graph=True)[0].norm()
+    grad_g = torch.autograd.grad(g, w_layer, retain_graph=True)[0].norm()
+    w = (grad_mse / (grad_g + 1e-4)).clamp(0.3, 10.0)
+    torch.testing.assert_close(t["gan_weight"], w.detach(), rtol=1e-4, atol=1e-6)
+    expected = (5 * t["semantic_features"] + t["semantic_pooled"] + 5 * (t["commit_pixel"] + t["commit_semantic"])
+                + 5 * t["pixel"] + w * 0.75 * t["gan"])
+    torch.testing.assert_close(got.total.detach(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(t["pixel"], mse.detach())
+    d = loss_fn.discriminator_loss(out, x, step=0)
+    real, fake = loss_fn.discriminator(x), loss_fn.discriminator(out.reconstruction.detach())
+    hand = 0.75 * 0.5 * (torch.nn.functional.leaky_relu(1 - real).mean() + torch.nn.functional.leaky_relu(1 + fake).mean())
+    torch.testing.assert_close(d, hand)
+
+
+def test_paper_scale_training_refuses_a_random_teacher():
+    from vistok.train.config import load_config
+    from vistok.train.objectives import DualTokenObjective
+
+    with pytest.raises(ValueError, match="model.init"):
+        DualTokenObjective.check_run(load_config("dualtoken-so400m-384"))
+    DualTokenObjective.check_run(load_config("dualtoken-so400m-384", ["model.init=/some/dir"]))

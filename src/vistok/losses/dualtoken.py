@@ -37,11 +37,11 @@ class DualTokenLoss(nn.Module):
                  commitment_weight: float = 5.0, pixel_weight: float = 5.0, lpips_weight: float = 1.0,
                  gan_weight: float = 0.75, gan_start: int = 0, pixel: str = "mse", lpips_net: str = "vgg",
                  lpips_backbone: Optional[str] = None, adaptive_clamp: tuple[float, float] = (0.3, 10.0),
-                 d_loss: str = "leaky_hinge", discriminator: Optional[dict] = None):
+                 d_loss: str = "leaky_hinge", discriminator: Optional[dict] = None, disc_loss_weight: float = 0.75):
         super().__init__()
         self.semantic_weight, self.feature_weight, self.pooled_weight = semantic_weight, feature_weight, pooled_weight
         self.commitment_weight, self.pixel_weight, self.lpips_weight = commitment_weight, pixel_weight, lpips_weight
-        self.gan_weight = gan_weight
+        self.gan_weight, self.disc_loss_weight = gan_weight, disc_loss_weight
         self.reconstruction = ReconstructionLoss(
             pixel=pixel, lpips_weight=lpips_weight, lpips_net=lpips_net, lpips_backbone=lpips_backbone,
             gan_start=gan_start, gan_weight=gan_weight, adaptive_clamp=adaptive_clamp, d_loss=d_loss,
@@ -73,4 +73,7 @@ class DualTokenLoss(nn.Module):
         return LossOutput(total, {k: v.detach().float() for k, v in terms.items()})
 
     def discriminator_loss(self, out, pixels: torch.Tensor, *, step: int) -> torch.Tensor:
-        return self.reconstruction.discriminator_step_loss(out.reconstruction.float(), pixels.float(), step=step)
+        """The discriminator's loss, scaled by 0.75 as the official code back-propagates it (the code leaves
+        it unscaled during its GAN start epoch; vistok scales it throughout)."""
+        loss = self.reconstruction.discriminator_step_loss(out.reconstruction.float(), pixels.float(), step=step)
+        return self.disc_loss_weight * loss

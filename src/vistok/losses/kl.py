@@ -7,7 +7,8 @@
     L_D   = disc_factor(step) * 0.5 * (mean relu(1 - D(x)) + mean relu(1 + D(x_hat)))
 
 Defaults are LDM kl-f16's: KL weight 1e-6, discriminator (pix2pix PatchGAN) from step 50001 with
-weight 0.5.
+weight 0.5. LDM declares logvar as a parameter but its optimiser only holds the autoencoder, so it
+stays at its initial value: `learn_logvar=False` (the code); True trains it (the formula's intent).
 """
 
 from __future__ import annotations
@@ -25,11 +26,12 @@ from .reconstruction import NLayerDiscriminator, adaptive_weight, discriminator_
 class LDMKLLoss(nn.Module):
     def __init__(self, *, kl_weight: float = 1e-6, perceptual_weight: float = 1.0, logvar_init: float = 0.0,
                  disc_start: int = 50001, disc_weight: float = 0.5, disc_factor: float = 1.0,
-                 lpips_net: str = "vgg", lpips_backbone: Optional[str] = None, discriminator: Optional[dict] = None):
+                 lpips_net: str = "vgg", lpips_backbone: Optional[str] = None, discriminator: Optional[dict] = None,
+                 learn_logvar: bool = False):
         super().__init__()
         self.kl_weight, self.perceptual_weight = kl_weight, perceptual_weight
         self.disc_start, self.disc_weight, self.disc_factor = disc_start, disc_weight, disc_factor
-        self.logvar = nn.Parameter(torch.tensor(float(logvar_init)))
+        self.logvar = nn.Parameter(torch.tensor(float(logvar_init)), requires_grad=learn_logvar)
         self.lpips = FrozenLPIPS(lpips_net, lpips_backbone) if perceptual_weight > 0 else None
         self.discriminator = NLayerDiscriminator(**(discriminator or {})) if disc_factor > 0 else None
 
@@ -40,8 +42,8 @@ class LDMKLLoss(nn.Module):
         if self.lpips is None:
             return x.new_zeros(())
         net = self.lpips._lpips
-        dtype = next(net.parameters()).dtype
-        return net(x.to(dtype), x_hat.to(dtype))  # (B, 1, 1, 1), broadcast over pixels as in LDM
+        with torch.autocast(x.device.type, enabled=False):
+            return net(x.float(), x_hat.float())  # (B, 1, 1, 1), broadcast over pixels as in LDM
 
     def forward(self, model, out, pixels: torch.Tensor, *, step: int) -> LossOutput:
         x, x_hat = pixels.float(), out.reconstruction.float()

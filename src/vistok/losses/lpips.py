@@ -117,6 +117,5 @@ class FrozenLPIPS(nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Mean LPIPS distance over the batch (a scalar)."""
-        net = self._lpips
-        dtype = next(net.parameters()).dtype
-        return net(x.to(dtype), y.to(dtype)).mean()
+        with torch.autocast(x.device.type, enabled=False):  # fp32 even under bf16 autocast
+            return self._lpips(x.float(), y.float()).mean()

@@ -15,8 +15,9 @@ import torch.nn.functional as F
 
 def mse_minus_cosine(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """MSE over all elements minus the mean cosine similarity over the last (channel) dimension."""
-    teacher = teacher.to(student.dtype)
-    return F.mse_loss(student, teacher) - F.cosine_similarity(student, teacher, dim=-1).mean()
+    with torch.autocast(student.device.type, enabled=False):  # fp32 even under bf16 autocast
+        student, teacher = student.float(), teacher.float()
+        return F.mse_loss(student, teacher) - F.cosine_similarity(student, teacher, dim=-1).mean()
 
 
 @dataclass

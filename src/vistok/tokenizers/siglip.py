@@ -180,11 +180,11 @@ def build_text_tokenizer(spec: Optional[str], context_length: int):
     if spec == "simple":
         return SimpleTokenizer(context_length=context_length)
     if spec:
-        try:
-            import transformers  # noqa: F401
-        except ImportError:
+        import importlib.util
+
+        if importlib.util.find_spec("transformers") is None:
             raise ImportError(f"text tokenizer {spec!r} is a Hugging Face tokenizer, which needs the transformers "
-                              "package: pip install transformers") from None
+                              "package: pip install transformers")
     if spec and spec.startswith("hf:"):
         return HFTokenizer(spec[3:], context_length=context_length, clean="canonicalize")
     if spec and os.path.isdir(spec):

@@ -9,6 +9,7 @@ so a crash mid-write leaves the previous checkpoints untouched; only then are ol
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import shutil
@@ -65,6 +66,22 @@ def latest_checkpoint(run_dir: Path) -> Optional[Path]:
     return found[-1][1] if found else None
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_partial_checkpoints(run_dir: Path) -> list[Path]:
+    """Temporary `.step_*` directories left by a process killed mid-write."""
+    stale = [p for p in run_dir.glob(".step_*") if p.is_dir()] if run_dir.is_dir() else []
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return stale
+
+
 def save_checkpoint(run_dir: Path, step: int, *, modules: dict[str, torch.nn.Module],
                     states: dict[str, object], trainer_state: dict, keep_last: int,
                     rng_states: Optional[list] = None) -> Path:
@@ -73,6 +90,9 @@ def save_checkpoint(run_dir: Path, step: int, *, modules: dict[str, torch.nn.Mod
     run_dir.mkdir(parents=True, exist_ok=True)
     final = run_dir / f"step_{step}"
     tmp = Path(tempfile.mkdtemp(prefix=f".step_{step}.", dir=run_dir))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700
     try:
         for name, module in modules.items():
             save_file(_state_dict_tensors(module), str(tmp / f"{name}.safetensors"))
@@ -83,9 +103,13 @@ def save_checkpoint(run_dir: Path, step: int, *, modules: dict[str, torch.nn.Mod
                   str(tmp / "rng.safetensors"))
         rng_meta = [meta for _, meta in per_rank]
         (tmp / STATE_NAME).write_text(json.dumps({**trainer_state, "step": step, "rng": rng_meta}) + "\n")
+        for file in tmp.iterdir():  # durable before it becomes the latest checkpoint
+            _fsync(file)
+        _fsync(tmp)
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
+        _fsync(run_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

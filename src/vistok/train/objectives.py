@@ -50,12 +50,32 @@ class Objective:
         """Trainable loss parameters optimised with the model (e.g. a learned log-variance)."""
         return []
 
+    def find_unused_parameters(self) -> bool:
+        """Whether some trainable model parameters get no gradient (DDP must then look for them)."""
+        return False
+
+    @classmethod
+    def check_run(cls, cfg) -> None:
+        """Refuse configurations that would train something meaningless."""
+
 
 class DualTokenObjective(Objective):
     family = "dualtoken"
     loss_class = DualTokenLoss
-    export_overrides = {"with_teacher": False}
+    export_overrides = {"with_teacher": False, "siglip_weights": None}
     export_drop_prefixes = ("teacher.",)
+
+    def find_unused_parameters(self) -> bool:
+        # without the semantic loss, the semantic projections, the last layers and the pool get no gradient
+        return not self.loss.semantic_weight
+
+    @classmethod
+    def check_run(cls, cfg) -> None:
+        siglip = cfg.model.init or cfg.model.overrides.get("siglip_weights")
+        if not siglip and not cfg.model.preset.startswith("tiny-"):
+            raise ValueError(f"DualToken on {cfg.model.preset} starts from real SigLIP weights: set model.init to a "
+                             "`vistok convert siglip` directory (or model.overrides.siglip_weights to an open_clip "
+                             "weights file); a random tower would be distilled from a random teacher")
 
     def gan_active(self, step: int) -> bool:
         return self.loss.reconstruction.gan_active(step)
@@ -87,7 +107,7 @@ class KLObjective(Objective):
         return self.loss.discriminator_loss(out, pixels, step=step) if self.gan_active(step) else None
 
     def extra_parameters(self) -> list[nn.Parameter]:
-        return [self.loss.logvar]
+        return [self.loss.logvar] if self.loss.logvar.requires_grad else []
 
 
 OBJECTIVES = {o.family: o for o in (DualTokenObjective, KLObjective)}

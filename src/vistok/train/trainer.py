@@ -26,7 +26,7 @@ from ..fileio import atomic_path
 from ..bench.metrics import psnr_uint8
 from ..bench.recon import reconstruct
 from ..images import pixels_to_pil, to_uint8
-from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint
+from .checkpoint import latest_checkpoint, load_checkpoint, remove_partial_checkpoints, rng_state, save_checkpoint
 from .config import RunConfig
 from .data import (Augment, ImageDataset, ResumableBatchSampler, collate, collate_stream, is_webdataset,
                    next_position, read_items, WebDatasetStream)
@@ -77,7 +77,10 @@ def build_model(cfg: RunConfig, overrides: Optional[dict] = None, *, load_init: 
     if not cfg.model.init:
         return create_tokenizer(cfg.model.preset, **args)
     config, weights = read_release(Path(cfg.model.init))
-    model = tokenizer_class(config["_class_name"])(**{**config["model_args"], **args})
+    try:
+        model = tokenizer_class(config["_class_name"])(**{**config["model_args"], **args})
+    except TypeError as exc:
+        raise ValueError(f"model.overrides for {cfg.model.init}: {exc}") from None
     if load_init:
         load_state_dict_strict(model, weights, target=f"model.init {cfg.model.init}")
     return model
@@ -145,6 +148,7 @@ class Trainer:
         self.quiet = quiet
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self.model = build_model(cfg).to(self.dist.device).train()
+        objective_class(cfg.family).check_run(cfg)
         self.objective: Objective = objective_class(cfg.family)(cfg.loss)
         self.objective.loss.to(self.dist.device)  # discriminator, LPIPS, learned log-variance
         self._build_optimizers()
@@ -152,14 +156,19 @@ class Trainer:
         self.step, self.position, self.skipped_total = 0, (0, 0), 0
         self.checkpoint_loaded = None
         torch.manual_seed(cfg.train.seed + 1 + self.dist.rank)  # per-rank stream; a resume restores the saved one
+        if self.dist.main:
+            for stale in remove_partial_checkpoints(self.out):
+                self.log(f"removed a partial checkpoint left by an interrupted write: {stale}")
         if resume:
             self._resume()
-        elif self.dist.main and latest_checkpoint(self.out) is not None:
+        elif latest_checkpoint(self.out) is not None:  # every rank: none may go on into DDP's collectives
             raise ValueError(f"{self.out} already holds checkpoints: pass --resume to continue, or another --out")
         self.ddp = self.model
         if self.dist.world > 1:
             kwargs = {"device_ids": [self.dist.device.index]} if self.dist.device.type == "cuda" else {}
-            self.ddp = nn.parallel.DistributedDataParallel(self.model, broadcast_buffers=False, **kwargs)
+            self.ddp = nn.parallel.DistributedDataParallel(
+                self.model, broadcast_buffers=False, find_unused_parameters=self.objective.find_unused_parameters(),
+                **kwargs)
 
     # ------------------------------------------------------------------ optimisers and state
     def _build_optimizers(self) -> None:
@@ -181,8 +190,8 @@ class Trainer:
         modules = {"model": self.model}
         if self.ema is not None:
             modules["ema"] = self.ema
-        if self.objective.discriminator is not None:
-            modules["discriminator"] = self.objective.loss
+        if self.objective.loss.state_dict():  # discriminator, log-variance
+            modules["loss"] = self.objective.loss
         states = {"optimizer": self.opt, "scheduler": self.sched}
         if self.d_opt is not None:
             states.update(d_optimizer=self.d_opt, d_scheduler=self.d_sched)
@@ -295,6 +304,11 @@ class Trainer:
             for k, v in {"loss": loss.total.detach(), **loss.terms}.items():
                 logs[k] = logs.get(k, 0.0) + float(v) / t.accumulation
             self._advance(batch)
+        if self.dist.world > 1:  # loss parameters live outside the DDP-wrapped model
+            for p in self.objective.extra_parameters():
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+                    p.grad.div_(self.dist.world)
         if self.cfg.optim.grad_clip:
             logs["grad_norm"] = float(nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip))
         self.opt.step()
