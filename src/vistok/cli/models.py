@@ -53,10 +53,12 @@ def info_cmd(model, as_json):
 
 
 @click.command("convert")
-@click.argument("kind", type=click.Choice(["mar-kl16", "siglip"]), metavar="KIND")
+@click.argument("kind", type=click.Choice(["mar-kl16", "llamagen-vq16", "siglip"]), metavar="KIND")
 @click.argument("src", type=click.Path(dir_okay=False))
 @click.argument("dst", type=click.Path(file_okay=False))
-@click.option("--preset", default=None, help="Architecture to load into (default: detected from the keys)")
+@click.option("--preset", default=None,
+              help="Architecture to load into (default: mar-kl16 / ldm-kl-f16 detected from the keys, "
+                   "llamagen-vq16, dualtoken-so400m-384)")
 @click.option("--scaling-factor", type=float, default=None,
               help="KL latent scaling factor to record (default: the preset's, 0.2325 for MAR KL-16)")
 @click.option("--json", "as_json", is_flag=True, help="JSON output")
@@ -65,6 +67,7 @@ def convert_cmd(kind, src, dst, preset, scaling_factor, as_json):
 
     \b
     mar-kl16   MAR kl16.ckpt / LDM kl-f16 (.ckpt, .pt or .safetensors)
+    llamagen-vq16  LlamaGen vq_ds16_c2i.pt / vq_ds16_t2i.pt ({"model": state dict})
     siglip     open_clip SigLIP weights -> DualToken initialised from them
                (--preset picks the DualToken preset, default dualtoken-so400m-384)
     """

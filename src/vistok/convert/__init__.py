@@ -6,10 +6,11 @@ pickled code.
 
 from .checkpoint_io import read_checkpoint
 from .diffusers_export import export_diffusers, kl_diffusers_config, kl_to_diffusers_state_dict
+from .llamagen_vq import convert_llamagen_vq
 from .mar_kl import convert_mar_kl16
 from .siglip import convert_siglip
 
-CONVERTERS = {"mar-kl16": convert_mar_kl16, "siglip": convert_siglip}
+CONVERTERS = {"mar-kl16": convert_mar_kl16, "llamagen-vq16": convert_llamagen_vq, "siglip": convert_siglip}
 
-__all__ = ["CONVERTERS", "convert_mar_kl16", "convert_siglip", "export_diffusers", "kl_diffusers_config",
+__all__ = ["CONVERTERS", "convert_llamagen_vq", "convert_mar_kl16", "convert_siglip", "export_diffusers", "kl_diffusers_config",
            "kl_to_diffusers_state_dict", "read_checkpoint"]

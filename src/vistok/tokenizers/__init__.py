@@ -5,9 +5,10 @@ from .dualtoken import DualTokenForward, DualTokenTokenizer
 from .kl import DiagonalGaussian, KLTokenizer
 from .layout import TokenLayout
 from .registry import create_tokenizer, list_models, load_tokenizer, resolve_tokenizer
+from .vqgan import VQGANForward, VQGANTokenizer
 
 __all__ = [
     "CheckpointMismatchError", "CodebookSpec", "DiagonalGaussian", "DualTokenForward", "DualTokenTokenizer", "KLTokenizer", "TokenLayout",
-    "TokenizerEncoding", "VisualTokenizer", "create_tokenizer", "list_models", "load_tokenizer",
+    "TokenizerEncoding", "VQGANForward", "VQGANTokenizer", "VisualTokenizer", "create_tokenizer", "list_models", "load_tokenizer",
     "register_tokenizer", "resolve_tokenizer",
 ]

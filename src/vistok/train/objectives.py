@@ -11,6 +11,7 @@ from torch import nn
 
 from ..losses.dualtoken import DualTokenLoss, LossOutput
 from ..losses.kl import LDMKLLoss
+from ..losses.vq import LlamaGenVQLoss
 
 
 class Objective:
@@ -110,7 +111,24 @@ class KLObjective(Objective):
         return [self.loss.logvar] if self.loss.logvar.requires_grad else []
 
 
-OBJECTIVES = {o.family: o for o in (DualTokenObjective, KLObjective)}
+class VQGANObjective(Objective):
+    """LlamaGen VQ: MSE + LPIPS + codebook/commitment(/entropy) + PatchGAN hinge from a start step."""
+
+    family = "vqgan"
+    loss_class = LlamaGenVQLoss
+
+    def gan_active(self, step: int) -> bool:
+        return self.loss.gan_active(step)
+
+    def generator_step(self, model, raw_model, pixels, step):
+        out = model(pixels)
+        return self.loss(raw_model, out, pixels, step=step), out
+
+    def discriminator_loss(self, out, pixels, step):
+        return self.loss.discriminator_loss(out, pixels, step=step) if self.gan_active(step) else None
+
+
+OBJECTIVES = {o.family: o for o in (DualTokenObjective, KLObjective, VQGANObjective)}
 
 
 def objective_class(family: str) -> type[Objective]:

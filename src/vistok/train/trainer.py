@@ -317,6 +317,8 @@ class Trainer:
         if disc is not None and self.objective.gan_active(step):
             if self.dist.world > 1:
                 _all_reduce_grads(disc, self.dist.world)
+            if self.cfg.optim.grad_clip:
+                logs["d_grad_norm"] = float(nn.utils.clip_grad_norm_(disc.parameters(), self.cfg.optim.grad_clip))
             self.d_opt.step()
             self.d_opt.zero_grad(set_to_none=True)
         if self.d_sched is not None:
@@ -347,6 +349,8 @@ class Trainer:
     def _codebook_stats(self) -> dict:
         out = {}
         for name, module in self.model.named_modules():
+            if hasattr(module, "usage") and hasattr(module, "codebook_size"):  # LlamaGen's usage window
+                out[f"codebook/{name}/usage"] = module.usage()
             if hasattr(module, "stats") and hasattr(module, "codebook_size"):
                 s = module.stats()
                 key = name.replace("_quantizer", "")

@@ -1,0 +1,28 @@
+"""LlamaGen `vq_ds16_c2i.pt` / `vq_ds16_t2i.pt` (`{"model": sd}`) -> vistok release directory.
+
+Read with weights_only=True; `ema` is preferred over `model` when a training checkpoint has both
+(LlamaGen's own loaders do the same); `module.` is stripped; the load is strict, so all 344 tensors
+(including the `quantize.codebook_used` usage buffer) must be there.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from ..tokenizers.base import load_state_dict_strict
+from ..tokenizers.registry import create_tokenizer
+from .checkpoint_io import read_checkpoint, strip_prefixes, unwrap_state_dict
+
+
+def convert_llamagen_vq(src: str | Path, dst: str | Path, *, preset: Optional[str] = None) -> dict:
+    import argparse
+
+    raw = read_checkpoint(src, allowed_globals=[argparse.Namespace])  # training files carry `args`
+    sd = strip_prefixes(unwrap_state_dict(raw, keys=("ema", "model", "state_dict")), ["module."])
+    preset = preset or "llamagen-vq16"
+    tok = create_tokenizer(preset)
+    sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+    load_state_dict_strict(tok, sd, target=f"{preset} (from {src})")
+    tok.save_pretrained(dst, extra={"source": {"kind": "llamagen-vq16", "file": Path(src).name, "preset": preset}})
+    return {"preset": preset, "tensors": len(sd), "parameters": tok.num_parameters(), "dst": str(dst)}
