@@ -18,6 +18,17 @@ from PIL import Image
 TRAIN_PHOTOS = ("astronaut", "rocket", "stereo_motorcycle", "hubble_deep_field", "immunohistochemistry", "retina")
 HELDOUT_PHOTOS = ("chelsea", "coffee")
 SPLITS = {"train": TRAIN_PHOTOS, "heldout": HELDOUT_PHOTOS}
+# one caption per photo, for image-text training (TokLIP) and retrieval smoke tests
+CAPTIONS = {
+    "astronaut": "a portrait of an astronaut in a space suit",
+    "rocket": "a rocket on its launch pad",
+    "stereo_motorcycle": "a motorcycle parked in a garage",
+    "hubble_deep_field": "galaxies in the deep sky",
+    "immunohistochemistry": "a stained tissue sample under a microscope",
+    "retina": "a photograph of a human retina",
+    "chelsea": "a photo of a cat",
+    "coffee": "a cup of coffee on a saucer",
+}
 DATA_NAMES = {"builtin:photos": "heldout", "builtin:photos-heldout": "heldout", "builtin:photos-train": "train"}
 
 
@@ -54,6 +65,11 @@ def _crops(split: str, scales: tuple[float, ...]) -> tuple[tuple[str, np.ndarray
             crop = image[top : top + side, left : left + side]
             out.append((f"{name}_{top}_{left}_{side}", crop))
     return tuple(out)
+
+
+def caption_of(crop_name: str) -> str:
+    """The caption of a built-in crop (named `<photo>_<top>_<left>_<side>`)."""
+    return CAPTIONS[crop_name.rsplit("_", 3)[0]]
 
 
 def builtin_photos(split: str = "heldout", *, scales: tuple[float, ...] = (1.0, 0.5)) -> list[tuple[str, Image.Image]]:

@@ -53,7 +53,7 @@ def info_cmd(model, as_json):
 
 
 @click.command("convert")
-@click.argument("kind", type=click.Choice(["mar-kl16", "llamagen-vq16", "siglip"]), metavar="KIND")
+@click.argument("kind", type=click.Choice(["mar-kl16", "llamagen-vq16", "siglip", "toklip"]), metavar="KIND")
 @click.argument("src", type=click.Path(dir_okay=False))
 @click.argument("dst", type=click.Path(file_okay=False))
 @click.option("--preset", default=None,
@@ -68,6 +68,7 @@ def convert_cmd(kind, src, dst, preset, scaling_factor, as_json):
     \b
     mar-kl16   MAR kl16.ckpt / LDM kl-f16 (.ckpt, .pt or .safetensors)
     llamagen-vq16  LlamaGen vq_ds16_c2i.pt / vq_ds16_t2i.pt ({"model": state dict})
+    toklip     TokLIP_S_256.pt / TokLIP_L_384.pt ({"state_dict": ...}; preset from pos_embed)
     siglip     open_clip SigLIP weights -> DualToken initialised from them
                (--preset picks the DualToken preset, default dualtoken-so400m-384)
     """

@@ -9,8 +9,10 @@ from .diffusers_export import export_diffusers, kl_diffusers_config, kl_to_diffu
 from .llamagen_vq import convert_llamagen_vq
 from .mar_kl import convert_mar_kl16
 from .siglip import convert_siglip
+from .toklip import convert_toklip
 
-CONVERTERS = {"mar-kl16": convert_mar_kl16, "llamagen-vq16": convert_llamagen_vq, "siglip": convert_siglip}
+CONVERTERS = {"mar-kl16": convert_mar_kl16, "llamagen-vq16": convert_llamagen_vq, "siglip": convert_siglip,
+              "toklip": convert_toklip}
 
-__all__ = ["CONVERTERS", "convert_llamagen_vq", "convert_mar_kl16", "convert_siglip", "export_diffusers", "kl_diffusers_config",
-           "kl_to_diffusers_state_dict", "read_checkpoint"]
+__all__ = ["CONVERTERS", "convert_llamagen_vq", "convert_mar_kl16", "convert_siglip", "convert_toklip",
+           "export_diffusers", "kl_diffusers_config", "kl_to_diffusers_state_dict", "read_checkpoint"]

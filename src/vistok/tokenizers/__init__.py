@@ -5,10 +5,11 @@ from .dualtoken import DualTokenForward, DualTokenTokenizer
 from .kl import DiagonalGaussian, KLTokenizer
 from .layout import TokenLayout
 from .registry import create_tokenizer, list_models, load_tokenizer, resolve_tokenizer
+from .toklip import TokLIPForward, TokLIPTokenizer
 from .vqgan import VQGANForward, VQGANTokenizer
 
 __all__ = [
     "CheckpointMismatchError", "CodebookSpec", "DiagonalGaussian", "DualTokenForward", "DualTokenTokenizer", "KLTokenizer", "TokenLayout",
-    "TokenizerEncoding", "VQGANForward", "VQGANTokenizer", "VisualTokenizer", "create_tokenizer", "list_models", "load_tokenizer",
+    "TokLIPForward", "TokLIPTokenizer", "TokenizerEncoding", "VQGANForward", "VQGANTokenizer", "VisualTokenizer", "create_tokenizer", "list_models", "load_tokenizer",
     "register_tokenizer", "resolve_tokenizer",
 ]

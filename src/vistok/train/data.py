@@ -38,9 +38,9 @@ def read_items(source: str) -> list[Item]:
     """A directory (recursive), a .jsonl ({"image": path, "caption"|"text": str}) or .csv (image,caption
     columns) list with paths relative to the list file, or `builtin:photos[-train|-heldout]`."""
     if source.startswith("builtin:"):
-        from ..builtin import resolve_builtin
+        from ..builtin import caption_of, resolve_builtin
 
-        return [Item(img, None, name) for name, img in resolve_builtin(source)]
+        return [Item(img, caption_of(name), name) for name, img in resolve_builtin(source)]
     path = Path(source)
     if path.is_dir():
         return [Item(str(p), None, str(p)) for p in list_image_files([path])]

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..losses.dualtoken import DualTokenLoss, LossOutput
+from ..losses.contrastive import TokLIPLoss
 from ..losses.kl import LDMKLLoss
 from ..losses.vq import LlamaGenVQLoss
 
@@ -41,7 +42,8 @@ class Objective:
     def gan_active(self, step: int) -> bool:
         return False
 
-    def generator_step(self, model: nn.Module, raw_model: nn.Module, pixels: torch.Tensor, step: int):
+    def generator_step(self, model: nn.Module, raw_model: nn.Module, pixels: torch.Tensor, step: int,
+                       captions: Optional[list[str]] = None):
         raise NotImplementedError
 
     def discriminator_loss(self, out, pixels: torch.Tensor, step: int) -> Optional[torch.Tensor]:
@@ -81,7 +83,7 @@ class DualTokenObjective(Objective):
     def gan_active(self, step: int) -> bool:
         return self.loss.reconstruction.gan_active(step)
 
-    def generator_step(self, model, raw_model, pixels, step) -> tuple[LossOutput, object]:
+    def generator_step(self, model, raw_model, pixels, step, captions=None) -> tuple[LossOutput, object]:
         out = model(pixels)
         return self.loss(raw_model, out, pixels, step=step), out
 
@@ -100,7 +102,7 @@ class KLObjective(Objective):
     def gan_active(self, step: int) -> bool:
         return self.loss.gan_active(step)
 
-    def generator_step(self, model, raw_model, pixels, step):
+    def generator_step(self, model, raw_model, pixels, step, captions=None):
         out = model(pixels)
         return self.loss(raw_model, out, pixels, step=step), out
 
@@ -120,7 +122,7 @@ class VQGANObjective(Objective):
     def gan_active(self, step: int) -> bool:
         return self.loss.gan_active(step)
 
-    def generator_step(self, model, raw_model, pixels, step):
+    def generator_step(self, model, raw_model, pixels, step, captions=None):
         out = model(pixels)
         return self.loss(raw_model, out, pixels, step=step), out
 
@@ -128,7 +130,35 @@ class VQGANObjective(Objective):
         return self.loss.discriminator_loss(out, pixels, step=step) if self.gan_active(step) else None
 
 
-OBJECTIVES = {o.family: o for o in (DualTokenObjective, KLObjective, VQGANObjective)}
+class TokLIPObjective(Objective):
+    """TokLIP: InfoNCE against the frozen text tower's caption embeddings + distillation."""
+
+    family = "toklip"
+    loss_class = TokLIPLoss
+    export_overrides = {"with_teacher": False, "siglip_weights": None, "vq_weights": None}
+    export_drop_prefixes = ("teacher.",)
+
+    @classmethod
+    def check_run(cls, cfg) -> None:
+        over = cfg.model.overrides
+        if not cfg.model.init and not cfg.model.preset.startswith("tiny-") and not (
+                over.get("siglip_weights") and over.get("vq_weights")):
+            raise ValueError(f"TokLIP on {cfg.model.preset} starts from SigLIP2 and LlamaGen's t2i VQ: set "
+                             "model.overrides.siglip_weights (open_clip weights file) and model.overrides.vq_weights "
+                             "(a `vistok convert llamagen-vq16` directory), or model.init")
+
+    def generator_step(self, model, raw_model, pixels, step, captions=None):
+        if not captions or not all(captions):
+            raise ValueError("TokLIP trains on image-text pairs: every image needs a caption "
+                             "(a .jsonl/.csv list with captions, webdataset .txt, or builtin photos)")
+        out = model(pixels)
+        with torch.no_grad():  # the text tower is frozen
+            tokens = raw_model.siglip.tokenize(captions).to(pixels.device)
+            text = raw_model.encode_text(tokens, normalize=False)
+        return self.loss(raw_model, out, text, step=step), out
+
+
+OBJECTIVES = {o.family: o for o in (DualTokenObjective, KLObjective, VQGANObjective, TokLIPObjective)}
 
 
 def objective_class(family: str) -> type[Objective]:

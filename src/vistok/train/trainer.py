@@ -293,7 +293,7 @@ class Trainer:
             sync = contextlib.nullcontext() if last or self.ddp is self.model else self.ddp.no_sync()
             with sync:
                 with self._autocast():
-                    loss, out = self.objective.generator_step(self.ddp, self.model, x, step)
+                    loss, out = self.objective.generator_step(self.ddp, self.model, x, step, batch["captions"])
                 self._check_finite(loss, step)
                 (loss.total / t.accumulation).backward()
             if disc is not None and self.objective.gan_active(step):
