@@ -111,4 +111,4 @@ def test_vqgan_recipe_loss_falls(tmp_path):
     Trainer(cfg, tmp_path / "vq", quiet=True).fit()
     rows = [json.loads(line) for line in (tmp_path / "vq" / "metrics.jsonl").read_text().splitlines()]
     assert np.mean([r["pixel"] for r in rows[-3:]]) < 0.6 * np.mean([r["pixel"] for r in rows[:3]])
-    assert 0 < rows[-1]["codebook/quantize/usage"] <= 1
+    assert rows[-1]["codebook/quantize/usage"] > 0.15  # no collapse onto a few codes

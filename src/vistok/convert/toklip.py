@@ -58,7 +58,13 @@ def convert_toklip(src: str | Path, dst: str | Path, *, preset: Optional[str] = 
     mapped, unplaced = map_toklip_keys(sd)
     if unplaced:
         raise ValueError(f"{src}: {len(unplaced)} key(s) have no place in a TokLIP model: {sorted(unplaced)[:10]}")
-    preset = preset or ("toklip-l-384" if mapped["siglip.visual.trunk.pos_embed"].shape[1] == 576 else "toklip-s-256")
+    if preset is None:
+        positions = mapped.get("siglip.visual.trunk.pos_embed", torch.empty(0, 0)).shape[1:2]
+        known = {(256,): "toklip-s-256", (576,): "toklip-l-384"}
+        if tuple(positions) not in known:
+            raise ValueError(f"{src}: cannot tell the TokLIP size from visual.trunk.pos_embed "
+                             f"({tuple(positions) or 'missing'} positions); pass --preset")
+        preset = known[tuple(positions)]
     tok = create_tokenizer(preset, with_teacher=False)
     filled = []
     if "siglip.logit_bias" not in mapped and hasattr(tok.siglip, "logit_bias"):

@@ -3,8 +3,9 @@ scale, over the negatives of every DDP rank, plus 1000 x MSE between the L2-norm
 embeddings of the student and the frozen SigLIP teacher.
 
 Across ranks the features are all-gathered without gradient and the local slice is put back with
-its gradient (open_clip's default: each rank's loss back-propagates into its own features, and DDP
-averages), so every rank scores its images against all texts of the global batch.
+its gradient; every rank computes the loss of the whole global similarity matrix (open_clip's
+default, `local_loss=False, gather_with_grad=False`, which TokLIP trains with): the loss is the
+global batch's, and DDP's averaging gives the global gradient divided by the number of ranks.
 """
 
 from __future__ import annotations
@@ -30,13 +31,11 @@ def gather_with_local_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 def clip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
     """Symmetric InfoNCE of L2-normalised features; logit_scale is the log of the temperature's inverse."""
-    all_image, offset = gather_with_local_grad(image)
+    all_image, _ = gather_with_local_grad(image)
     all_text, _ = gather_with_local_grad(text)
-    scale = logit_scale.exp()
-    logits_image = scale * image @ all_text.T  # local images vs every text
-    logits_text = scale * text @ all_image.T
-    labels = torch.arange(image.shape[0], device=image.device) + offset
-    return (F.cross_entropy(logits_image, labels) + F.cross_entropy(logits_text, labels)) / 2
+    logits = logit_scale.exp() * all_image @ all_text.T  # the global batch, on every rank
+    labels = torch.arange(logits.shape[0], device=logits.device)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
 
 
 class TokLIPLoss(nn.Module):

@@ -256,7 +256,8 @@ class DualTokenTokenizer(VisualTokenizer):
     def teacher_targets(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The frozen initial tower's deep-layer tokens and pooled embedding."""
         if not hasattr(self, "teacher"):
-            raise RuntimeError("this tokenizer was built with with_teacher=False; training needs the teacher")
+            raise ValueError("this tokenizer was built with with_teacher=False; training needs the teacher "
+                             "(build it from the SigLIP weights instead of an inference release)")
         h = embed_patches(self.teacher, self._tower_input(pixels))
         deep = run_blocks(self.teacher, h, 0, self.semantic_layer)
         final = run_blocks(self.teacher, deep, self.semantic_layer, len(self.teacher.trunk.blocks))

@@ -132,7 +132,8 @@ class TokLIPTokenizer(VisualTokenizer):
     @torch.no_grad()
     def teacher_pooled(self, pixels: torch.Tensor) -> torch.Tensor:
         if not hasattr(self, "teacher"):
-            raise RuntimeError("this tokenizer was built with with_teacher=False; training needs the teacher")
+            raise ValueError("this tokenizer was built with with_teacher=False; training needs the teacher "
+                             "(build it from the SigLIP weights instead of an inference release)")
         size = tuple(self.teacher.trunk.patch_embed.img_size)
         if tuple(pixels.shape[-2:]) != size:  # TokLIP resizes bilinearly when the resolutions differ
             pixels = F.interpolate(pixels, size=size, mode="bilinear", align_corners=False)

@@ -65,7 +65,10 @@ def read_items(source: str) -> list[Item]:
         if not image:
             raise ValueError(f"{source}: row {n} has no 'image' field")
         full = image if os.path.isabs(image) else str(path.parent / image)
-        items.append(Item(full, row.get("caption") or row.get("text"), full))
+        caption = row.get("caption") or row.get("text")
+        if caption is None and isinstance(row.get("captions"), list) and row["captions"]:
+            caption = row["captions"][0]  # a retrieval-style list: train on its first caption
+        items.append(Item(full, caption, full))
     if not items:
         raise ValueError(f"{source} lists no images")
     return items

@@ -4,6 +4,7 @@ discriminator step. The trainer itself is family-agnostic."""
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Optional
 
 import torch
@@ -56,6 +57,9 @@ class Objective:
     def find_unused_parameters(self) -> bool:
         """Whether some trainable model parameters get no gradient (DDP must then look for them)."""
         return False
+
+    def after_step(self, raw_model: nn.Module) -> None:
+        """Called after every optimiser step (e.g. to clamp a parameter)."""
 
     @classmethod
     def check_run(cls, cfg) -> None:
@@ -146,6 +150,10 @@ class TokLIPObjective(Objective):
             raise ValueError(f"TokLIP on {cfg.model.preset} starts from SigLIP2 and LlamaGen's t2i VQ: set "
                              "model.overrides.siglip_weights (open_clip weights file) and model.overrides.vq_weights "
                              "(a `vistok convert llamagen-vq16` directory), or model.init")
+
+    def after_step(self, raw_model) -> None:
+        with torch.no_grad():  # open_clip's trainer: the temperature never goes below 1/100
+            raw_model.siglip.logit_scale.clamp_(0, math.log(100))
 
     def generator_step(self, model, raw_model, pixels, step, captions=None):
         if not captions or not all(captions):

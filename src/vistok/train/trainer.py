@@ -146,9 +146,9 @@ class Trainer:
         self.cfg, self.out = cfg, Path(out_dir)
         self.dist = setup_distributed()
         self.quiet = quiet
+        objective_class(cfg.family).check_run(cfg)  # before building a large model
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self.model = build_model(cfg).to(self.dist.device).train()
-        objective_class(cfg.family).check_run(cfg)
         self.objective: Objective = objective_class(cfg.family)(cfg.loss)
         self.objective.loss.to(self.dist.device)  # discriminator, LPIPS, learned log-variance
         self._build_optimizers()
@@ -312,6 +312,7 @@ class Trainer:
         if self.cfg.optim.grad_clip:
             logs["grad_norm"] = float(nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip))
         self.opt.step()
+        self.objective.after_step(self.model)
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
         if disc is not None and self.objective.gan_active(step):
@@ -349,7 +350,7 @@ class Trainer:
     def _codebook_stats(self) -> dict:
         out = {}
         for name, module in self.model.named_modules():
-            if hasattr(module, "usage") and hasattr(module, "codebook_size"):  # LlamaGen's usage window
+            if hasattr(module, "usage") and hasattr(module, "codebook_size") and module.training:  # LlamaGen's window
                 out[f"codebook/{name}/usage"] = module.usage()
             if hasattr(module, "stats") and hasattr(module, "codebook_size"):
                 s = module.stats()
