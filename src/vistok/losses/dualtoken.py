@@ -51,6 +51,9 @@ class DualTokenLoss(nn.Module):
     def discriminator(self) -> Optional[nn.Module]:
         return self.reconstruction.discriminator
 
+    def gan_active(self, step: int) -> bool:
+        return self.reconstruction.gan_active(step)
+
     def forward(self, model, out, pixels: torch.Tensor, *, step: int) -> LossOutput:
         """The generator-side objective for a `DualTokenForward` `out` of `model` on `pixels`."""
         terms: dict[str, torch.Tensor] = {}

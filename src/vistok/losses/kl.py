@@ -20,7 +20,7 @@ from torch import nn
 
 from .dualtoken import LossOutput
 from .lpips import FrozenLPIPS
-from .reconstruction import NLayerDiscriminator, adaptive_weight, discriminator_loss, generator_adversarial_loss
+from .reconstruction import NLayerDiscriminator, adaptive_weight, discriminator_loss, generator_gan_term
 
 
 class LDMKLLoss(nn.Module):
@@ -54,11 +54,7 @@ class LDMKLLoss(nn.Module):
         total = nll + self.kl_weight * kl
         g_loss = weight = x.new_zeros(())
         if self.gan_active(step):
-            self.discriminator.requires_grad_(False)
-            try:
-                g_loss = generator_adversarial_loss(self.discriminator(x_hat))
-            finally:
-                self.discriminator.requires_grad_(True)
+            g_loss = generator_gan_term(self.discriminator, x_hat)
             if torch.is_grad_enabled():
                 weight = self.disc_weight * adaptive_weight(nll, g_loss, model.decoder.last_layer, clamp=(0.0, 1e4))
             total = total + weight * self.disc_factor * g_loss

@@ -70,6 +70,15 @@ def generator_adversarial_loss(fake_logits: torch.Tensor) -> torch.Tensor:
     return -fake_logits.mean()
 
 
+def generator_gan_term(discriminator: nn.Module, x_hat: torch.Tensor) -> torch.Tensor:
+    """-mean D(x_hat) with no gradient into D's parameters (the generator's step)."""
+    discriminator.requires_grad_(False)
+    try:
+        return generator_adversarial_loss(discriminator(x_hat))
+    finally:
+        discriminator.requires_grad_(True)
+
+
 def adaptive_weight(nll_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor, *,
                     clamp: tuple[float, float] = (0.3, 10.0), eps: float = 1e-4) -> torch.Tensor:
     """clamp(||d nll / d W|| / (||d g / d W|| + eps)) with W the decoder's last layer, detached."""
@@ -127,11 +136,7 @@ class ReconstructionLoss(nn.Module):
         zero = x_hat.new_zeros(())
         if not self.gan_active(step):
             return ReconstructionTerms(pix, perceptual, zero, zero)
-        self.discriminator.requires_grad_(False)  # generator step: no gradient into D
-        try:
-            g_loss = generator_adversarial_loss(self.discriminator(x_hat))
-        finally:
-            self.discriminator.requires_grad_(True)
+        g_loss = generator_gan_term(self.discriminator, x_hat)
         weight = x_hat.new_ones(())
         if self.adaptive and last_layer is not None and torch.is_grad_enabled():
             weight = adaptive_weight(pix + perceptual, g_loss, last_layer, clamp=self.adaptive_clamp)

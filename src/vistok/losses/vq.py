@@ -18,8 +18,7 @@ from torch import nn
 
 from .dualtoken import LossOutput
 from .lpips import FrozenLPIPS
-from .reconstruction import (NLayerDiscriminator, adaptive_weight, discriminator_loss, generator_adversarial_loss,
-                             pixel_loss)
+from .reconstruction import NLayerDiscriminator, adaptive_weight, discriminator_loss, generator_gan_term, pixel_loss
 
 
 class LlamaGenVQLoss(nn.Module):
@@ -45,11 +44,7 @@ class LlamaGenVQLoss(nn.Module):
         total = nll + self.codebook_weight * quant
         g_loss = weight = x.new_zeros(())
         if self.gan_active(step):
-            self.discriminator.requires_grad_(False)
-            try:
-                g_loss = generator_adversarial_loss(self.discriminator(x_hat))
-            finally:
-                self.discriminator.requires_grad_(True)
+            g_loss = generator_gan_term(self.discriminator, x_hat)
             weight = x.new_ones(())
             if self.adaptive and torch.is_grad_enabled():
                 weight = adaptive_weight(nll, g_loss, model.decoder.last_layer, clamp=(0.0, 1e4))

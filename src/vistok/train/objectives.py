@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..losses.dualtoken import DualTokenLoss, LossOutput
+from ..losses.dualtoken import DualTokenLoss
 from ..losses.contrastive import TokLIPLoss
 from ..losses.kl import LDMKLLoss
 from ..losses.vq import LlamaGenVQLoss
@@ -66,7 +66,22 @@ class Objective:
         """Refuse configurations that would train something meaningless."""
 
 
-class DualTokenObjective(Objective):
+class ReconstructionObjective(Objective):
+    """Families whose loss module reconstructs pixels and may play a GAN game: the loss exposes
+    `gan_active(step)`, `forward(model, out, pixels, step=)` and `discriminator_loss(out, pixels, step=)`."""
+
+    def gan_active(self, step: int) -> bool:
+        return self.loss.gan_active(step)
+
+    def generator_step(self, model, raw_model, pixels, step, captions=None):
+        out = model(pixels)
+        return self.loss(raw_model, out, pixels, step=step), out
+
+    def discriminator_loss(self, out, pixels, step):
+        return self.loss.discriminator_loss(out, pixels, step=step) if self.gan_active(step) else None
+
+
+class DualTokenObjective(ReconstructionObjective):
     family = "dualtoken"
     loss_class = DualTokenLoss
     export_overrides = {"with_teacher": False, "siglip_weights": None}
@@ -84,54 +99,22 @@ class DualTokenObjective(Objective):
                              "`vistok convert siglip` directory (or model.overrides.siglip_weights to an open_clip "
                              "weights file); a random tower would be distilled from a random teacher")
 
-    def gan_active(self, step: int) -> bool:
-        return self.loss.reconstruction.gan_active(step)
 
-    def generator_step(self, model, raw_model, pixels, step, captions=None) -> tuple[LossOutput, object]:
-        out = model(pixels)
-        return self.loss(raw_model, out, pixels, step=step), out
-
-    def discriminator_loss(self, out, pixels, step):
-        if not self.gan_active(step):
-            return None
-        return self.loss.discriminator_loss(out, pixels, step=step)
-
-
-class KLObjective(Objective):
+class KLObjective(ReconstructionObjective):
     """LDM / MAR KL-16: a sampled posterior, L1 + LPIPS under a learned log-variance, KL, PatchGAN."""
 
     family = "kl"
     loss_class = LDMKLLoss
 
-    def gan_active(self, step: int) -> bool:
-        return self.loss.gan_active(step)
-
-    def generator_step(self, model, raw_model, pixels, step, captions=None):
-        out = model(pixels)
-        return self.loss(raw_model, out, pixels, step=step), out
-
-    def discriminator_loss(self, out, pixels, step):
-        return self.loss.discriminator_loss(out, pixels, step=step) if self.gan_active(step) else None
-
     def extra_parameters(self) -> list[nn.Parameter]:
         return [self.loss.logvar] if self.loss.logvar.requires_grad else []
 
 
-class VQGANObjective(Objective):
+class VQGANObjective(ReconstructionObjective):
     """LlamaGen VQ: MSE + LPIPS + codebook/commitment(/entropy) + PatchGAN hinge from a start step."""
 
     family = "vqgan"
     loss_class = LlamaGenVQLoss
-
-    def gan_active(self, step: int) -> bool:
-        return self.loss.gan_active(step)
-
-    def generator_step(self, model, raw_model, pixels, step, captions=None):
-        out = model(pixels)
-        return self.loss(raw_model, out, pixels, step=step), out
-
-    def discriminator_loss(self, out, pixels, step):
-        return self.loss.discriminator_loss(out, pixels, step=step) if self.gan_active(step) else None
 
 
 class TokLIPObjective(Objective):
