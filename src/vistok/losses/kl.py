@@ -20,7 +20,7 @@ from torch import nn
 
 from .dualtoken import LossOutput
 from .lpips import FrozenLPIPS
-from .reconstruction import NLayerDiscriminator, adaptive_weight, discriminator_loss, generator_gan_term
+from .reconstruction import NLayerDiscriminator, adaptive_weight, discriminator_step_loss, generator_gan_term
 
 
 class LDMKLLoss(nn.Module):
@@ -41,9 +41,7 @@ class LDMKLLoss(nn.Module):
     def _perceptual(self, x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if self.lpips is None:
             return x.new_zeros(())
-        net = self.lpips._lpips
-        with torch.autocast(x.device.type, enabled=False):
-            return net(x.float(), x_hat.float())  # (B, 1, 1, 1), broadcast over pixels as in LDM
+        return self.lpips.distance(x, x_hat)  # (B, 1, 1, 1), broadcast over pixels as in LDM
 
     def forward(self, model, out, pixels: torch.Tensor, *, step: int) -> LossOutput:
         x, x_hat = pixels.float(), out.reconstruction.float()
@@ -65,6 +63,4 @@ class LDMKLLoss(nn.Module):
     def discriminator_loss(self, out, pixels: torch.Tensor, *, step: int) -> torch.Tensor:
         if not self.gan_active(step):
             return pixels.new_zeros(())
-        real = self.discriminator(pixels.float())
-        fake = self.discriminator(out.reconstruction.detach().float())
-        return self.disc_factor * discriminator_loss(real, fake, "hinge")
+        return self.disc_factor * discriminator_step_loss(self.discriminator, pixels, out.reconstruction)

@@ -115,7 +115,11 @@ class FrozenLPIPS(nn.Module):
     def train(self, mode: bool = True):
         return super().train(False)
 
+    def distance(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Per-image LPIPS distance (B, 1, 1, 1), in fp32 even under bf16 autocast."""
+        with torch.autocast(x.device.type, enabled=False):
+            return self._lpips(x.float(), y.float())
+
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Mean LPIPS distance over the batch (a scalar)."""
-        with torch.autocast(x.device.type, enabled=False):  # fp32 even under bf16 autocast
-            return self._lpips(x.float(), y.float()).mean()
+        return self.distance(x, y).mean()

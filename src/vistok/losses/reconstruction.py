@@ -79,6 +79,12 @@ def generator_gan_term(discriminator: nn.Module, x_hat: torch.Tensor) -> torch.T
         discriminator.requires_grad_(True)
 
 
+def discriminator_step_loss(discriminator: nn.Module, x: torch.Tensor, x_hat: torch.Tensor,
+                            kind: str = "hinge") -> torch.Tensor:
+    """The discriminator's loss on real x and detached reconstructions, in fp32."""
+    return discriminator_loss(discriminator(x.float()), discriminator(x_hat.detach().float()), kind)
+
+
 def adaptive_weight(nll_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor, *,
                     clamp: tuple[float, float] = (0.3, 10.0), eps: float = 1e-4) -> torch.Tensor:
     """clamp(||d nll / d W|| / (||d g / d W|| + eps)) with W the decoder's last layer, detached."""
@@ -146,7 +152,7 @@ class ReconstructionLoss(nn.Module):
         """The discriminator's loss on real x and detached reconstructions (zero before gan_start)."""
         if not self.gan_active(step):
             return x.new_zeros(())
-        return discriminator_loss(self.discriminator(x), self.discriminator(x_hat.detach()), self.d_loss)
+        return discriminator_step_loss(self.discriminator, x, x_hat, self.d_loss)
 
 
 class NLayerDiscriminator(nn.Module):

@@ -18,7 +18,7 @@ from torch import nn
 
 from .dualtoken import LossOutput
 from .lpips import FrozenLPIPS
-from .reconstruction import NLayerDiscriminator, adaptive_weight, discriminator_loss, generator_gan_term, pixel_loss
+from .reconstruction import NLayerDiscriminator, adaptive_weight, discriminator_step_loss, generator_gan_term, pixel_loss
 
 
 class LlamaGenVQLoss(nn.Module):
@@ -56,6 +56,4 @@ class LlamaGenVQLoss(nn.Module):
     def discriminator_loss(self, out, pixels: torch.Tensor, *, step: int) -> torch.Tensor:
         if not self.gan_active(step):
             return pixels.new_zeros(())
-        real = self.discriminator(pixels.float())
-        fake = self.discriminator(out.reconstruction.detach().float())
-        return self.disc_weight * discriminator_loss(real, fake, "hinge")
+        return self.disc_weight * discriminator_step_loss(self.discriminator, pixels, out.reconstruction)

@@ -136,6 +136,9 @@ class VisualTokenizer(nn.Module):
 
     family: ClassVar[str] = ""
     default_preprocess: ClassVar[dict] = {}
+    # constructor arguments naming files read once at construction (e.g. third-party weights): a saved
+    # release holds those weights itself, so its config records None for them
+    load_time_args: ClassVar[tuple[str, ...]] = ()
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -272,12 +275,16 @@ class VisualTokenizer(nn.Module):
         return TokenLayout.from_codebooks(self.codebooks, text_vocab_size, **kwargs)
 
     # ----------------------------------------------------------------------------- release format
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Parameters an optimiser should update (frozen towers, teachers and VQs excluded)."""
+        return [p for p in self.parameters() if p.requires_grad]
+
     def release_config(self) -> dict:
         return {
             "_class_name": type(self).__name__,
             "family": self.family,
             "vistok_version": __version__,
-            "model_args": self.config,
+            "model_args": {**self.config, **{name: None for name in self.load_time_args}},
             "preprocess": self.preprocess_config.to_dict(),
             "codebooks": {k: asdict(v) for k, v in self.codebooks.items()},
             "scaling_factor": self.scaling_factor,

@@ -76,18 +76,21 @@ class Upsample(nn.Module):
 
 
 class _Level(nn.Module):
-    """One resolution level: `block` res-blocks, `attn` after each block where enabled, then a resampler."""
+    """One resolution level: res-blocks (`block`, LlamaGen: `res`), `attn` after each block where
+    enabled, then a resampler registered under `name`."""
 
-    def __init__(self, blocks: list[nn.Module], attns: list[nn.Module], resample: Optional[nn.Module], name: str):
+    def __init__(self, blocks: list[nn.Module], attns: list[nn.Module], resample: Optional[nn.Module], name: str,
+                 blocks_name: str = "block"):
         super().__init__()
-        self.block = nn.ModuleList(blocks)
+        self.add_module(blocks_name, nn.ModuleList(blocks))
         self.attn = nn.ModuleList(attns)
         if resample is not None:
             self.add_module(name, resample)
+        self._blocks_name = blocks_name
         self._resample_name = name if resample is not None else None
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        for i, block in enumerate(self.block):
+        for i, block in enumerate(getattr(self, self._blocks_name)):
             h = block(h)
             if len(self.attn):
                 h = self.attn[i](h)

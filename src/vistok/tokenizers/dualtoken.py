@@ -20,7 +20,6 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ..images import PreprocessConfig
 from .base import CodebookSpec, TokenizerEncoding, VisualTokenizer, load_state_dict_strict, register_tokenizer
@@ -67,6 +66,7 @@ class DualTokenTokenizer(VisualTokenizer):
 
     family = "dualtoken"
     default_preprocess = {"image_size": 384, "crop": "center", "interpolation": "bicubic"}
+    load_time_args = ("siglip_weights",)
 
     def __init__(
         self,
@@ -160,11 +160,6 @@ class DualTokenTokenizer(VisualTokenizer):
             if part is not None:
                 part.requires_grad_(False)
 
-    def release_config(self) -> dict:
-        config = super().release_config()
-        config["model_args"]["siglip_weights"] = None  # the weights live in model.safetensors now
-        return config
-
     def train(self, mode: bool = True):
         super().train(mode)
         if hasattr(self, "teacher"):
@@ -205,9 +200,6 @@ class DualTokenTokenizer(VisualTokenizer):
 
     def _quantizer(self, name: str) -> ResidualQuantizer:
         return self.pixel_quantizer if name == "pixel" else self.semantic_quantizer
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.parameters() if p.requires_grad]
 
     # ------------------------------------------------------------------ the two branches
     def _tower_input(self, pixels: torch.Tensor) -> torch.Tensor:

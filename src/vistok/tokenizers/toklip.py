@@ -44,6 +44,7 @@ class TokLIPTokenizer(VisualTokenizer):
 
     family = "toklip"
     default_preprocess = {"image_size": 384, "crop": "center", "interpolation": "bicubic"}
+    load_time_args = ("siglip_weights", "vq_weights")
 
     def __init__(
         self,
@@ -93,18 +94,11 @@ class TokLIPTokenizer(VisualTokenizer):
     def train(self, mode: bool = True):
         super().train(mode)
         self.vq.eval()  # frozen: never updates its usage window
-        for name in ("teacher",):
-            if hasattr(self, name):
-                getattr(self, name).eval()
+        if hasattr(self, "teacher"):
+            self.teacher.eval()
         if hasattr(self.siglip, "text"):
             self.siglip.text.eval()
         return self
-
-    def release_config(self) -> dict:
-        config = super().release_config()
-        config["model_args"]["siglip_weights"] = None
-        config["model_args"]["vq_weights"] = None
-        return config
 
     @property
     def stride(self) -> int:
@@ -113,9 +107,6 @@ class TokLIPTokenizer(VisualTokenizer):
     @property
     def codebooks(self) -> dict[str, CodebookSpec]:
         return self.vq.codebooks
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.parameters() if p.requires_grad]
 
     # ------------------------------------------------------------------ the token encoder
     def features_from_ids(self, ids: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,27 +19,7 @@ from torch import nn
 
 from ..images import PreprocessConfig
 from .base import CodebookSpec, TokenizerEncoding, VisualTokenizer, register_tokenizer
-from .decoders import AttnBlock, Downsample, ResnetBlock, Upsample, _norm
-
-
-class _Level(nn.Module):
-    """`conv_blocks.{L}`: `res.{j}`, `attn.{j}` after each res block where enabled, then a resampler."""
-
-    def __init__(self, res: list[nn.Module], attn: list[nn.Module], resample_name: str,
-                 resample: Optional[nn.Module]):
-        super().__init__()
-        self.res = nn.ModuleList(res)
-        self.attn = nn.ModuleList(attn)
-        self._resample = resample_name if resample is not None else None
-        if resample is not None:
-            self.add_module(resample_name, resample)
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        for i, block in enumerate(self.res):
-            h = block(h)
-            if len(self.attn):
-                h = self.attn[i](h)
-        return getattr(self, self._resample)(h) if self._resample else h
+from .decoders import AttnBlock, Downsample, ResnetBlock, Upsample, _Level, _norm
 
 
 def _mid(channels: int, groups: int, dropout: float) -> nn.ModuleList:
@@ -60,7 +40,7 @@ class VQEncoder(nn.Module):
                    for j in range(num_res_blocks)]
             last = i == len(ch_mult) - 1
             attn = [AttnBlock(c_out, groups=groups) for _ in range(num_res_blocks)] if last else []
-            levels.append(_Level(res, attn, "downsample", None if last else Downsample(c_out)))
+            levels.append(_Level(res, attn, None if last else Downsample(c_out), "downsample", blocks_name="res"))
             c_in = c_out
         self.conv_blocks = nn.ModuleList(levels)
         self.mid = _mid(c_in, groups, dropout)
@@ -90,7 +70,7 @@ class VQDecoder(nn.Module):
                    for j in range(num_res_blocks + 1)]
             attn = [AttnBlock(c_out, groups=groups) for _ in range(num_res_blocks + 1)] if i == 0 else []
             last = i == len(ch_mult) - 1
-            levels.append(_Level(res, attn, "upsample", None if last else Upsample(c_out)))
+            levels.append(_Level(res, attn, None if last else Upsample(c_out), "upsample", blocks_name="res"))
             c_in = c_out
         self.conv_blocks = nn.ModuleList(levels)
         self.norm_out = _norm(c_in, groups)
