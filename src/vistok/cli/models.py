@@ -61,14 +61,18 @@ def info_cmd(model, as_json):
                    "llamagen-vq16, dualtoken-so400m-384)")
 @click.option("--scaling-factor", type=float, default=None,
               help="KL latent scaling factor to record (default: the preset's, 0.2325 for MAR KL-16)")
+@click.option("--config", "model_config", type=click.Path(dir_okay=False), default=None,
+              help="toklip: TokLIP's model-config JSON (src/open_clip/model_configs/*-toklip.json); builds "
+                   "the matching architecture when no preset fits")
 @click.option("--json", "as_json", is_flag=True, help="JSON output")
-def convert_cmd(kind, src, dst, preset, scaling_factor, as_json):
+def convert_cmd(kind, src, dst, preset, scaling_factor, model_config, as_json):
     """Convert a released checkpoint SRC into a vistok release directory DST.
 
     \b
     mar-kl16   MAR kl16.ckpt / LDM kl-f16 (.ckpt, .pt or .safetensors)
     llamagen-vq16  LlamaGen vq_ds16_c2i.pt / vq_ds16_t2i.pt ({"model": state dict})
-    toklip     TokLIP_S_256.pt / TokLIP_L_384.pt ({"state_dict": ...}; preset from pos_embed)
+    toklip     TokLIP_S_256.pt / TokLIP_L_384.pt or a TokLIP training checkpoint
+               ({"state_dict": ...}; preset from pos_embed, or --config MODEL_CONFIG.json)
     siglip     open_clip SigLIP weights -> DualToken initialised from them
                (--preset picks the DualToken preset, default dualtoken-so400m-384)
     """
@@ -77,8 +81,14 @@ def convert_cmd(kind, src, dst, preset, scaling_factor, as_json):
     log(f"converting {src} ({kind}) ...")
     if scaling_factor is not None and kind != "mar-kl16":
         raise ValueError(f"--scaling-factor applies to KL latents (mar-kl16), not to {kind}")
+    if model_config is not None and kind != "toklip":
+        raise ValueError(f"--config applies to toklip (TokLIP's model-config JSON), not to {kind}")
     extra = {"scaling_factor": scaling_factor} if scaling_factor is not None else {}
+    if model_config is not None:
+        extra["config"] = model_config
     report = CONVERTERS[kind](src, dst, preset=preset, **extra)
+    if not as_json:  # a table cell per list: "a, b" (the table's own list format is "AxB", for grids)
+        report = {k: ", ".join(map(str, v)) if isinstance(v, list) else v for k, v in report.items()}
     emit([report], as_json=as_json)
 
 

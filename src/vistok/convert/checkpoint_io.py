@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import pickle
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
@@ -9,10 +10,35 @@ from typing import Iterable, Mapping, Sequence
 import torch
 
 
-def read_checkpoint(path: str | Path, *, allowed_globals: Sequence[type] = ()) -> object:
-    """Load a `.safetensors` file or a torch pickle without executing code. A pickle that needs
-    code execution (custom classes, ...) is refused with a clear message; `allowed_globals` names
-    plain-data classes to accept (e.g. argparse.Namespace, which MAR stores as `args`)."""
+# NumPy renamed `numpy.core` to `numpy._core` in 2.0; pickles name the module that wrote them
+_NUMPY_SCALAR_NAMES = ("numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar")
+_NUMPY_DTYPE_CODES = "?bhilqpBHILQPefdgFDGSUmM"  # plain-data dtypes; never object ("O") or structured ("V")
+_STATE_DICT_KEYS = ("state_dict", "model", "ema", "module")
+
+
+def numpy_plain_globals() -> list:
+    """The NumPy globals a pickled NumPy scalar needs (`scalar`, `dtype` and the dtype classes), under
+    both the NumPy-1 and the NumPy-2 module names. Reconstructing them copies bytes into a scalar and
+    runs no other code."""
+    import numpy as np
+
+    try:
+        from numpy._core.multiarray import scalar
+    except ImportError:  # NumPy < 2
+        from numpy.core.multiarray import scalar
+    dtype_classes = {type(np.dtype(c)) for c in _NUMPY_DTYPE_CODES}
+    return [*((scalar, name) for name in _NUMPY_SCALAR_NAMES), np.dtype, *sorted(dtype_classes, key=str)]
+
+
+def read_checkpoint(path: str | Path, *, allowed_globals: Sequence = ()) -> object:
+    """Load a `.safetensors` file or a torch pickle without executing code.
+
+    Pickles are read with `torch.load(weights_only=True)`; besides torch's own list, the plain-data
+    NumPy scalar and dtype globals (both spellings, see `numpy_plain_globals`) and `allowed_globals`
+    (classes, or `(object, "module.name")` pairs, e.g. argparse.Namespace, which MAR stores as `args`)
+    are accepted. Raises FileNotFoundError for a missing file, and ValueError for an unreadable file
+    or for a pickle that needs code execution; that message names the refused globals and the
+    top-level keys the file holds."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
@@ -27,18 +53,65 @@ def read_checkpoint(path: str | Path, *, allowed_globals: Sequence[type] = ()) -
         magic = f.read(4)
     if not (magic.startswith(b"PK\x03\x04") or magic[:1] == b"\x80"):  # torch zip archive or legacy pickle
         raise ValueError(f"{path} is not a readable torch checkpoint (neither a zip archive nor a pickle)")
-    try:
-        with torch.serialization.safe_globals(list(allowed_globals)):
+    with torch.serialization.safe_globals([*numpy_plain_globals(), *allowed_globals]):
+        try:
             return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise ValueError(
-            f"refusing to load {path}: it needs code execution to unpickle, and vistok only reads weights "
-            f"(torch.load(weights_only=True)). Re-save just the state dict in a trusted environment, e.g. "
-            f"torch.save(torch.load(f, weights_only=False)['model'], 'weights.pt'). Detail: {first}"
-        ) from None
-    except (RuntimeError, EOFError, OSError) as exc:
-        raise ValueError(f"cannot read checkpoint {path}: {exc}") from None
+        except pickle.UnpicklingError as exc:
+            raise ValueError(_refusal_message(path, exc)) from None
+        except (RuntimeError, EOFError, OSError) as exc:
+            raise ValueError(f"cannot read checkpoint {path}: {exc}") from None
+
+
+def _refusal_message(path: Path, exc: Exception) -> str:
+    """Name what was refused (the globals torch does not allow) and what the file holds."""
+    try:
+        refused = sorted(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
+    except Exception:  # legacy (non-zip) files cannot be scanned statically
+        refused = []
+    if not refused:
+        lines = [line.strip() for line in str(exc).splitlines() if "GLOBAL" in line or "Unsupported" in line]
+        refused = lines[:1] or [str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__]
+    keys = top_level_keys(path)
+    key = next((k for k in _STATE_DICT_KEYS if k in keys), None)
+    load = "torch.load(f, weights_only=False)" + (f"[{key!r}]" if key else "")
+    held = f"; the file holds the keys {keys}" if keys else ""
+    return (f"refusing to load {path}: it needs code execution to unpickle (refused global(s): "
+            f"{', '.join(refused)}), and vistok only reads weights (torch.load(weights_only=True)){held}. "
+            f"If you trust the file, re-save its weights in a trusted environment: "
+            f"torch.save({load}, 'weights.pt')")
+
+
+class _Opaque(dict):
+    """Stands in for every global while listing a pickle's keys: never imports or calls the real one."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__()
+
+    def __setstate__(self, state):
+        pass
+
+
+class _KeyLister(pickle.Unpickler):
+    def find_class(self, module, name):
+        return _Opaque
+
+    def persistent_load(self, pid):
+        return None
+
+
+def top_level_keys(path: str | Path) -> list[str]:
+    """The top-level keys of a torch zip checkpoint, read without importing or running any of its
+    globals (each becomes an inert placeholder). Empty when the file is not a zip checkpoint or its
+    top level is not a mapping."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            name = next(n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl")
+            obj = _KeyLister(io.BytesIO(archive.read(name))).load()
+    except Exception:
+        return []
+    return [str(k) for k in obj] if isinstance(obj, Mapping) else []
 
 
 def unwrap_state_dict(obj: object, keys: Iterable[str] = ("model", "state_dict")) -> dict[str, torch.Tensor]:

@@ -1,30 +1,51 @@
-"""Released TokLIP checkpoints (`TokLIP_S_256.pt`, `TokLIP_L_384.pt`: `{"state_dict": sd, ...}`, keys
-possibly `module.`-prefixed) -> a vistok release directory (inference: no teacher).
+"""TokLIP checkpoints (TencentARC/TokLIP) -> a vistok release directory (inference: no teacher).
+
+What a TokLIP file holds: its training (`open_clip_train/main.py`, `train.py`) saves
+`{"epoch", "name", "state_dict", "optimizer", "scaler"}`; the state dict's keys carry DDP's `module.`
+prefix when saved from the wrapped model, and the optimizer's learning rate is a NumPy float
+(`cosine_lr`), pickled as `numpy.core.multiarray.scalar` under NumPy 1. The released `TokLIP_*.pt`
+files are such checkpoints. `read_checkpoint` accepts those NumPy globals without running code.
 
 Name mapping (TokLIP's open_clip model -> vistok):
     visual.trunk.vq.*          -> vq.*            (the frozen LlamaGen VQ, 344 tensors)
-    visual.trunk.vq_table.*    -> vq_table.*      (token MLP 8 -> 4608)
-    visual.trunk.vq_mapping.*  -> vq_mapping.*    (token MLP 4608 -> 1152)
-    visual.trunk.*             -> siglip.visual.trunk.*   (blocks, pos_embed, norm, attn_pool, patch_embed)
+    visual.trunk.vq_table.*    -> vq_table.*      (token MLP 8 -> 4 x width)
+    visual.trunk.vq_mapping.*  -> vq_mapping.*    (token MLP 4 x width -> width)
+    visual.trunk.*             -> siglip.visual.trunk.*   (blocks, pos_embed, norm, attn_pool)
     text.*, logit_scale, logit_bias -> siglip.*
-TokLIP drops SigLIP's logit bias before saving; when it is absent the converter keeps SigLIP's
-initial value (-10) and says so. Any key it cannot place is an error naming it.
+
+Keys TokLIP does not save are filled from vistok's initialisation of the SigLIP tower and reported
+(`filled_from_init`): `visual.trunk.patch_embed.proj.{weight,bias}` (TokLIP's vendored timm comments
+the patch projection out; its input is VQ ids, so it is never used) and `logit_bias` (removed by
+`--siglip-train` before saving; SigLIP's initial value -10). Every other key is strict: one that
+cannot be placed, is missing or has the wrong shape is a ValueError naming it.
+
+The architecture comes from a preset (detected from `pos_embed`: 256 positions = TokLIP-S,
+576 = TokLIP-L) or from TokLIP's model-config JSON (`src/open_clip/model_configs/*-toklip.json`),
+see `toklip_args_from_model_config`.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 from ..tokenizers.base import load_state_dict_strict
-from ..tokenizers.registry import create_tokenizer
+from ..tokenizers.registry import create_tokenizer, get_preset
 from .checkpoint_io import read_checkpoint, strip_prefixes, unwrap_state_dict
 
 RULES = (("visual.trunk.vq_table.", "vq_table."), ("visual.trunk.vq_mapping.", "vq_mapping."),
          ("visual.trunk.vq.", "vq."), ("visual.", "siglip.visual."), ("text.", "siglip.text."),
          ("logit_scale", "siglip.logit_scale"), ("logit_bias", "siglip.logit_bias"))
+# keys TokLIP's files lack by construction; anything else missing is an error
+FILLABLE = ("siglip.visual.trunk.patch_embed.proj.weight", "siglip.visual.trunk.patch_embed.proj.bias",
+            "siglip.logit_bias")
+# TokLIP's timm trunk names (vendored timm, vision_transformer.py) with a vistok preset
+KNOWN_TRUNKS = {"vit_so400m_patch16_toklip_256": "toklip-s-256", "vit_so400m_patch16_toklip_384": "toklip-l-384"}
+PRESET_BY_POSITIONS = {256: "toklip-s-256", 576: "toklip-l-384"}
+VISION_FIELDS = ("image_size", "patch_size", "width", "layers", "head_width", "mlp_ratio")
 
 
 def map_toklip_keys(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
@@ -38,40 +59,101 @@ def map_toklip_keys(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torc
     return mapped, unplaced
 
 
-def _plain_globals() -> list:
-    """Plain-data globals TokLIP's training pickles reference (argparse args, NumPy scalars such as a
-    saved loss value); allow-listed for weights_only loading, nothing that runs code."""
-    import argparse
-    import codecs
+def toklip_args_from_model_config(config: dict | str | Path) -> tuple[Optional[str], dict]:
+    """TokLIP's open_clip model config (a dict or the JSON file) -> (preset, constructor arguments).
 
-    import numpy as np
+    A trunk name in KNOWN_TRUNKS gives its preset and no arguments. Otherwise the SigLIP-style trunk
+    is built from the config's own `vision_cfg` fields (image_size, patch_size, width, layers,
+    heads = width / head_width, mlp_ratio; no class token, MAP pool, tanh GELU, LayerNorm eps 1e-6,
+    as TokLIP's `vit_so400m_patch16_toklip_*`), the text tower from `text_cfg` and `embed_dim`, the
+    token MLP 8 -> 4 x width -> width (TokLIP's `vq_table`/`vq_mapping`) and the VQ as LlamaGen VQ-16.
+    Raises ValueError naming a missing or inconsistent field."""
+    if not isinstance(config, dict):
+        path = Path(config)
+        try:
+            config = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ValueError(f"cannot read the TokLIP model config {path}: {exc}") from None
+    vision, text = config.get("vision_cfg"), config.get("text_cfg")
+    if not isinstance(vision, dict) or not isinstance(text, dict) or "embed_dim" not in config:
+        raise ValueError("a TokLIP model config needs embed_dim, vision_cfg and text_cfg "
+                         f"(got keys {sorted(config)})")
+    name = vision.get("timm_model_name")
+    if name in KNOWN_TRUNKS:
+        return KNOWN_TRUNKS[name], {}
+    missing = [f for f in VISION_FIELDS if f not in vision]
+    if missing:
+        raise ValueError(f"vision_cfg.timm_model_name {name!r} is not a known TokLIP trunk "
+                         f"({', '.join(KNOWN_TRUNKS)}), so the trunk is built from vision_cfg's fields, "
+                         f"but {missing} are missing")
+    width, head_width = int(vision["width"]), int(vision["head_width"])
+    if width % head_width:
+        raise ValueError(f"vision_cfg.width {width} is not a multiple of head_width {head_width}")
+    size, patch = int(vision["image_size"]), int(vision["patch_size"])
+    vq = get_preset("toklip-s-256")["args"]["vq"]  # LlamaGen VQ-16: stride 16
+    if size % 16:
+        raise ValueError(f"vision_cfg.image_size {size} is not a multiple of the VQ-16 stride 16")
+    trunk = {"img_size": size, "patch_size": patch, "embed_dim": width, "depth": int(vision["layers"]),
+             "num_heads": width // head_width, "mlp_ratio": float(vision["mlp_ratio"])}
+    mlp = f"{trunk['mlp_ratio']:g}".replace(".", "_")
+    trunk_name = (f"vistok_siglip_p{patch}_w{width}_d{trunk['depth']}_h{trunk['num_heads']}_m{mlp}_{size}")
+    clip_config = {
+        "embed_dim": int(config["embed_dim"]),
+        "init_logit_bias": config.get("init_logit_bias", -10),
+        "vision_cfg": {"image_size": size, "timm_model_name": trunk_name, "timm_model_pretrained": False,
+                       "timm_pool": vision.get("timm_pool", "map"), "timm_proj": vision.get("timm_proj", "none"),
+                       "timm_model_kwargs": trunk},
+        "text_cfg": {k: v for k, v in text.items() if k not in ("hf_tokenizer_name", "tokenizer_kwargs")},
+    }
+    args = {"clip_model": None, "clip_config": clip_config, "vq": vq, "mlp_hidden": 4 * width,
+            "preprocess": {"image_size": size}}
+    return None, args
 
-    try:
-        from numpy._core.multiarray import scalar
-    except ImportError:  # NumPy < 2
-        from numpy.core.multiarray import scalar
-    return [argparse.Namespace, np.dtype, scalar, codecs.encode, type(np.dtype("float64")), type(np.dtype("float32"))]
 
-
-def convert_toklip(src: str | Path, dst: str | Path, *, preset: Optional[str] = None) -> dict:
-    sd = strip_prefixes(unwrap_state_dict(read_checkpoint(src, allowed_globals=_plain_globals())), ["module."])
+def convert_toklip(src: str | Path, dst: str | Path, *, preset: Optional[str] = None,
+                   config: Optional[str | Path | dict] = None) -> dict:
+    """Convert a TokLIP checkpoint `src` into the release directory `dst`; returns a report (preset
+    or "config", tensors read, parameters, the keys filled from initialisation, destination).
+    `config`: TokLIP's model-config JSON, needed for a geometry without a preset; `preset` overrides."""
+    sd = strip_prefixes(unwrap_state_dict(read_checkpoint(src)), ["module."])
     mapped, unplaced = map_toklip_keys(sd)
     if unplaced:
         raise ValueError(f"{src}: {len(unplaced)} key(s) have no place in a TokLIP model: {sorted(unplaced)[:10]}")
-    if preset is None:
+    args: dict = {}
+    if preset is None and config is not None:
+        preset, args = toklip_args_from_model_config(config)
+    if preset is None and not args:
         positions = mapped.get("siglip.visual.trunk.pos_embed", torch.empty(0, 0)).shape[1:2]
-        known = {(256,): "toklip-s-256", (576,): "toklip-l-384"}
-        if tuple(positions) not in known:
-            raise ValueError(f"{src}: cannot tell the TokLIP size from visual.trunk.pos_embed "
-                             f"({tuple(positions) or 'missing'} positions); pass --preset")
-        preset = known[tuple(positions)]
-    tok = create_tokenizer(preset, with_teacher=False)
-    filled = []
-    if "siglip.logit_bias" not in mapped and hasattr(tok.siglip, "logit_bias"):
-        mapped["siglip.logit_bias"] = tok.siglip.logit_bias.detach().clone()
-        filled.append("siglip.logit_bias")
+        if tuple(positions) and positions[0] in PRESET_BY_POSITIONS:
+            preset = PRESET_BY_POSITIONS[positions[0]]
+        else:
+            raise ValueError(f"{src}: visual.trunk.pos_embed has {tuple(positions) or 'no'} positions, which no "
+                             "preset has (TokLIP-S 256, TokLIP-L 576); pass --config with the model's TokLIP "
+                             "model-config JSON (src/open_clip/model_configs/*-toklip.json) or --preset")
+    tok = _build(preset, args)
+    filled = _fill_from_init(tok, mapped)
     mapped = {k: v.float() if v.is_floating_point() else v for k, v in mapped.items()}
-    load_state_dict_strict(tok, mapped, target=f"{preset} (from {src})")
-    tok.save_pretrained(dst, extra={"source": {"kind": "toklip", "file": Path(src).name, "preset": preset}})
-    return {"preset": preset, "tensors": len(sd), "parameters": tok.num_parameters(),
+    load_state_dict_strict(tok, mapped, target=f"{preset or 'the TokLIP model config'} (from {src})")
+    source = {"kind": "toklip", "file": Path(src).name, "preset": preset, "filled_from_init": filled}
+    tok.save_pretrained(dst, extra={"source": source})
+    return {"preset": preset or "config", "tensors": len(sd), "parameters": tok.num_parameters(),
             "filled_from_init": filled, "dst": str(dst)}
+
+
+def _build(preset: Optional[str], args: dict):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # the filled keys are the same on every conversion
+        if preset is not None:
+            return create_tokenizer(preset, with_teacher=False, **args)
+        from ..tokenizers.toklip import TokLIPTokenizer
+
+        return TokLIPTokenizer(with_teacher=False, **args)
+
+
+def _fill_from_init(tok, mapped: dict[str, torch.Tensor]) -> list[str]:
+    """Add the FILLABLE keys the file lacks from the freshly built model; returns their names."""
+    own = tok.state_dict()
+    filled = [k for k in FILLABLE if k in own and k not in mapped]
+    for key in filled:
+        mapped[key] = own[key].detach().clone()
+    return filled

@@ -47,6 +47,40 @@ def register_tiny_trunk() -> None:
     register_model(vit_tiny_patch8_siglip_64_vistok)
 
 
+SIGLIP_TRUNK_DEFAULTS = {"class_token": False, "global_pool": "map", "act_layer": "gelu_tanh"}
+
+
+def register_siglip_trunk(name: str, kwargs: dict) -> None:
+    """Register a SigLIP-style timm ViT (no class token, MAP pool, tanh GELU, LayerNorm eps 1e-6:
+    timm's default) of the geometry in `kwargs` (img_size, patch_size, embed_dim, depth, num_heads,
+    mlp_ratio) under `name`, for configs whose trunk has no timm entrypoint (e.g. a TokLIP model
+    config of its own size). Registering the same name twice with other arguments is a ValueError."""
+    from timm.models import register_model
+    from timm.models._registry import _model_entrypoints
+    from timm.models.vision_transformer import _create_vision_transformer
+
+    args = {**SIGLIP_TRUNK_DEFAULTS, **kwargs}
+    known = _model_entrypoints.get(name)
+    if known is not None:
+        if getattr(known, "vistok_args", None) != args:
+            raise ValueError(f"timm model {name!r} already exists with other arguments; rename the trunk")
+        return
+
+    def entrypoint(pretrained: bool = False, **kw):
+        builder = logging.getLogger("timm.models._builder")
+        level = builder.level
+        builder.setLevel(logging.ERROR)  # "No pretrained configuration specified": expected, it has none
+        try:
+            return _create_vision_transformer(name, pretrained=pretrained, **{**args, **kw})
+        finally:
+            builder.setLevel(level)
+
+    entrypoint.__name__ = entrypoint.__qualname__ = name
+    entrypoint.__module__ = __name__
+    entrypoint.vistok_args = args
+    register_model(entrypoint)
+
+
 # open_clip-style config of the tiny tower (SimpleTokenizer vocabulary: fully offline text)
 TINY_CLIP_CONFIG = {
     "embed_dim": 64,
@@ -86,7 +120,12 @@ class SiglipTower(nn.Module):
 
         register_tiny_trunk()
         cfg = clip_model_config(clip_model, clip_config)
+        vision = dict(cfg["vision_cfg"])
+        trunk_kwargs = vision.pop("timm_model_kwargs", None)  # vistok's: a trunk timm has no name for
+        if trunk_kwargs is not None:
+            register_siglip_trunk(vision["timm_model_name"], trunk_kwargs)
         args = {k: v for k, v in cfg.items() if k not in ("custom_text",)}
+        args["vision_cfg"] = vision
         clip = open_clip.CustomTextCLIP(**args)
         self.visual = clip.visual
         if with_text:
