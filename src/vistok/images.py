@@ -31,10 +31,11 @@ class PreprocessConfig:
     normalisation the network applies to [0, 1] pixels internally (0.5/0.5 is the identity on
     [-1, 1] input); they are recorded so that exporters and baselines can reproduce it.
 
-    crop: "center" resizes the short side to `image_size` then center-crops; "adm" is the ADM
-    `center_crop_arr` used by MAR and LlamaGen (box-downsample by 2 while the short side is at
-    least twice the target, then bicubic resize and center crop); "none" keeps the native size
-    (it must then fit the model's stride).
+    crop: "center" is torchvision's `Resize(image_size)` + `CenterCrop(image_size)`, as open_clip
+    composes its eval transform (TokLIP, DualToken): the long side truncated, crop offsets rounded;
+    "adm" is the ADM `center_crop_arr` used by MAR and LlamaGen (box-downsample by 2 while the short
+    side is at least twice the target, then bicubic resize with rounded sides and a floored center
+    crop); "none" keeps the native size (it must then fit the model's stride).
     """
 
     image_size: int = 256
@@ -95,25 +96,44 @@ def load_image(source: ImageLike) -> Image.Image:
         raise ValueError(f"cannot read image {path}: {exc}") from exc
 
 
-def _resize_short_side(img: Image.Image, size: int, resample) -> Image.Image:
-    w, h = img.size
-    scale = size / min(w, h)
-    return img.resize((max(size, round(w * scale)), max(size, round(h * scale))), resample=resample)
+def shortest_edge_size(width: int, height: int, size: int) -> tuple[int, int]:
+    """(width, height) after torchvision's `Resize(size)` (an int: the shorter edge becomes `size`,
+    the longer one `int(size * long / short)`, truncated, as torchvision's
+    `_compute_resized_output_size` computes it)."""
+    short, long = min(width, height), max(width, height)
+    new_long = int(size * long / short)
+    return (size, new_long) if width <= height else (new_long, size)
 
 
-def _center_crop(img: Image.Image, size: int) -> Image.Image:
-    w, h = img.size
-    left, top = (w - size) // 2, (h - size) // 2
-    return img.crop((left, top, left + size, top + size))
+def resize_shortest_edge(img: Image.Image, size: int, resample) -> Image.Image:
+    """torchvision `Resize(size, interpolation)` on a PIL image (PIL does the resampling there too)."""
+    return img.resize(shortest_edge_size(*img.size, size), resample=resample)
+
+
+def center_crop_box(width: int, height: int, size: int) -> tuple[int, int, int, int]:
+    """torchvision `CenterCrop(size)`'s (left, top, right, bottom): offsets `int(round((L - size) / 2))`,
+    Python's round (half to even), so 87 spare rows start the crop at row 44."""
+    if width < size or height < size:
+        raise ValueError(f"cannot center-crop {size}x{size} from a {width}x{height} image")
+    left, top = int(round((width - size) / 2.0)), int(round((height - size) / 2.0))
+    return left, top, left + size, top + size
+
+
+def center_crop(img: Image.Image, size: int) -> Image.Image:
+    """torchvision `CenterCrop(size)` on a PIL image at least `size` on each side."""
+    return img.crop(center_crop_box(*img.size, size))
 
 
 def adm_center_crop(img: Image.Image, size: int) -> Image.Image:
-    """ADM's `center_crop_arr`: box halvings, bicubic to the short side, center crop."""
+    """ADM's `center_crop_arr` (guided-diffusion; copied by LlamaGen `dataset/augmentation.py` and MAR
+    `util/crop.py`): BOX halvings while the short side is at least 2 x size, bicubic resize with the
+    scaled sides rounded, then a crop at offsets `(L - size) // 2` (floored)."""
     while min(img.size) >= 2 * size:
         img = img.resize(tuple(x // 2 for x in img.size), resample=Image.Resampling.BOX)
     scale = size / min(img.size)
     img = img.resize(tuple(round(x * scale) for x in img.size), resample=Image.Resampling.BICUBIC)
-    return _center_crop(img, size)
+    left, top = (img.size[0] - size) // 2, (img.size[1] - size) // 2
+    return img.crop((left, top, left + size, top + size))
 
 
 def preprocess_image(img: Image.Image, cfg: PreprocessConfig, name: str = "image") -> Image.Image:
@@ -124,9 +144,9 @@ def preprocess_image(img: Image.Image, cfg: PreprocessConfig, name: str = "image
         )
     if cfg.crop == "adm":
         return adm_center_crop(img, cfg.image_size)
-    if cfg.crop == "center":
-        img = _resize_short_side(img, cfg.image_size, _INTERPOLATIONS[cfg.interpolation])
-        return _center_crop(img, cfg.image_size)
+    if cfg.crop == "center":  # open_clip's eval transform: Resize(int) + CenterCrop
+        img = resize_shortest_edge(img, cfg.image_size, _INTERPOLATIONS[cfg.interpolation])
+        return center_crop(img, cfg.image_size)
     return img
 
 
