@@ -1,0 +1,64 @@
+"""Third-party pickles: plain NumPy data loads under both NumPy spellings, anything that could run code
+is refused with a message naming the global and the keys the file holds (and is never run)."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from vistok.cli import main
+from vistok.convert.checkpoint_io import read_checkpoint, top_level_keys
+
+
+class _RunsCode:
+    """Unpickling this calls os.system: what a malicious checkpoint does."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_numpy_scalars_and_dtypes_load_under_numpy2_names(tmp_path):
+    # NumPy-1 spelling (numpy.core.multiarray.scalar): tests/data/toklip_official, written by NumPy 1.26,
+    # is read in test_toklip_official.py; this file is written by this environment's NumPy 2
+    obj = {"state_dict": {"w": torch.ones(2)}, "lr": np.float64(0.25), "step": np.int64(7),
+           "half": np.float16(1.5), "flag": np.bool_(True), "dtype": np.dtype("float32")}
+    torch.save(obj, tmp_path / "np2.pt")
+    out = read_checkpoint(tmp_path / "np2.pt")
+    assert out["lr"] == 0.25 and isinstance(out["lr"], np.float64)
+    assert out["step"] == 7 and out["half"] == np.float16(1.5) and out["flag"] and out["dtype"] == np.float32
+
+
+def test_code_executing_global_is_refused_named_and_never_run(tmp_path):
+    marker = tmp_path / "ran"
+    src = tmp_path / "evil.pt"
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "optimizer": {"lr": np.float64(1e-5)},
+                "hook": _RunsCode(marker)}, src)
+    with pytest.raises(ValueError) as err:
+        read_checkpoint(src)
+    msg = str(err.value)
+    assert "needs code execution" in msg and f"{os.system.__module__}.system" in msg
+    assert "the file holds the keys ['state_dict', 'optimizer', 'hook']" in msg
+    assert "torch.load(f, weights_only=False)['state_dict']" in msg
+    assert top_level_keys(src) == ["state_dict", "optimizer", "hook"]
+    assert not marker.exists()
+
+
+def test_cli_error_names_the_refused_global_and_the_state_dict_key(tmp_path):
+    src = tmp_path / "TokLIP_evil.pt"
+    torch.save({"epoch": 1, "state_dict": {"visual.trunk.pos_embed": torch.zeros(1, 4, 8)}, "fn": eval}, src)
+    res = CliRunner().invoke(main, ["convert", "toklip", str(src), str(tmp_path / "out")])
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    errors = [line for line in res.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "builtins.eval" in errors[0] and "['state_dict']" in errors[0]
+    assert "['model']" not in errors[0]
+
+
+def test_top_level_keys_of_non_zip_or_non_mapping_files_are_empty(tmp_path):
+    torch.save([torch.zeros(1)], tmp_path / "list.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a zip")
+    assert top_level_keys(tmp_path / "list.pt") == [] and top_level_keys(tmp_path / "junk.pt") == []
