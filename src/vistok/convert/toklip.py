@@ -123,11 +123,12 @@ def convert_toklip(src: str | Path, dst: str | Path, *, preset: Optional[str] = 
     if preset is None and config is not None:
         preset, args = toklip_args_from_model_config(config)
     if preset is None and not args:
-        positions = mapped.get("siglip.visual.trunk.pos_embed", torch.empty(0, 0)).shape[1:2]
-        if tuple(positions) and positions[0] in PRESET_BY_POSITIONS:
-            preset = PRESET_BY_POSITIONS[positions[0]]
+        pos_embed = mapped.get("siglip.visual.trunk.pos_embed")
+        positions = pos_embed.shape[1] if pos_embed is not None and pos_embed.ndim == 3 else None
+        if positions in PRESET_BY_POSITIONS:
+            preset = PRESET_BY_POSITIONS[positions]
         else:
-            raise ValueError(f"{src}: visual.trunk.pos_embed has {tuple(positions) or 'no'} positions, which no "
+            raise ValueError(f"{src}: visual.trunk.pos_embed has {positions or 'no'} positions, which no "
                              "preset has (TokLIP-S 256, TokLIP-L 576); pass --config with the model's TokLIP "
                              "model-config JSON (src/open_clip/model_configs/*-toklip.json) or --preset")
     tok = _build(preset, args)

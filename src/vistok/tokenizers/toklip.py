@@ -83,7 +83,8 @@ class TokLIPTokenizer(VisualTokenizer):
         if with_teacher:
             self.teacher = self.siglip.teacher()
         self.vq.requires_grad_(False)
-        self.siglip.trunk.patch_embed.requires_grad_(False)  # kept for the key layout; the trunk reads codes
+        # unused (the trunk reads codes); TokLIP's files lack it, `convert toklip` fills it from initialisation
+        self.siglip.trunk.patch_embed.requires_grad_(False)
         for name in ("text", "logit_bias"):  # TokLIP trains the vision trunk and the logit scale
             part = getattr(self.siglip, name, None)
             if part is not None:
