@@ -2,7 +2,7 @@
 
 What a TokLIP file holds: its training (`open_clip_train/main.py`, `train.py`) saves
 `{"epoch", "name", "state_dict", "optimizer", "scaler"}`; the state dict's keys carry DDP's `module.`
-prefix when saved from the wrapped model, and the optimizer's learning rate is a NumPy float
+prefix in distributed runs (the saved model is the DDP wrapper), and the optimizer's learning rate is a NumPy float
 (`cosine_lr`), pickled as `numpy.core.multiarray.scalar` under NumPy 1. The released `TokLIP_*.pt`
 files are such checkpoints. `read_checkpoint` accepts those NumPy globals without running code.
 
