@@ -90,9 +90,13 @@ def test_dualtoken_counts_start_at_zero_so_step_one_reseeds_from_data():
     # by a batch vector (count reset to 1); the data sits far from all initial codes, so most are
     dead = hits < 100
     assert int(q.restarts_total) == int(dead.sum()) >= 6
-    assert torch.cdist(q.embed[0, dead], x).min(1).values.max() < 1e-6
+    assert torch.cdist(q.embed_avg[0, dead], x).min(1).values.max() < 1e-6
     torch.testing.assert_close(q.cluster_size[0, dead], torch.ones(int(dead.sum())))
     torch.testing.assert_close(q.cluster_size[0, ~dead], 0.01 * hits[~dead])
+    # the codebook is the EMA smoothed with the post-restart counts (official _update_embedding order)
+    cluster = q.cluster_size[0]
+    n = cluster.sum()
+    torch.testing.assert_close(q.embed[0], q.embed_avg[0] / ((cluster + 1e-5) / (n + 8e-5) * n)[:, None])
 
 
 def test_unused_rule_waits_n_steps_and_resets_state():

@@ -136,7 +136,8 @@ class DualTokenTokenizer(VisualTokenizer):
         dec = {**DEFAULT_DECODER, **(decoder or {})}
         self.decoder_latent_size = decoder_latent_size or self.siglip.grid[0]
         resolution = self.decoder_latent_size * 2 ** (len(dec["ch_mult"]) - 1)
-        self.post_quant = ResnetBlock(width, dec["in_channels"], groups=dec["groups"], dropout=dec["dropout"])
+        self.post_quant = ResnetBlock(width, dec["in_channels"], groups=dec["groups"], dropout=dec["dropout"],
+                                      first_kernel=1)
         self.decoder = Decoder(z_channels=dec["in_channels"], ch=dec["ch"], ch_mult=tuple(dec["ch_mult"]),
                                num_res_blocks=dec["num_res_blocks"], out_channels=3, groups=dec["groups"],
                                attn_levels=attn_levels_for(resolution, dec["ch_mult"], dec["attn_resolutions"]),
