@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import os
 from typing import Optional, Sequence
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from .siglip_hf import tokenizer_hint
 
 TINY_TRUNK = "vit_tiny_patch8_siglip_64_vistok"
 
@@ -71,9 +74,52 @@ def clip_model_config(clip_model: Optional[str], clip_config: Optional[dict]) ->
         cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) and isinstance(cfg.get(key), dict) else value
     if not cfg:
         raise ValueError("give clip_model (an open_clip model name) or clip_config")
-    if "timm_model_name" not in cfg.get("vision_cfg", {}):
-        raise ValueError("the SigLIP tower must be a timm trunk (vision_cfg.timm_model_name)")
+    vision = cfg.get("vision_cfg", {})
+    if "timm_model_name" not in vision and not EXPLICIT_VISION_KEYS <= set(vision):
+        missing = sorted(EXPLICIT_VISION_KEYS - set(vision))
+        raise ValueError("the SigLIP tower needs vision_cfg.timm_model_name (a timm trunk) or an explicit geometry "
+                         f"(vision_cfg lacks {missing}; see vistok.tokenizers.siglip_hf.clip_config_from_hf)")
     return cfg
+
+
+# vision_cfg keys of an explicit geometry (built as a timm VisionTransformer without a registered name)
+EXPLICIT_VISION_KEYS = {"image_size", "patch_size", "width", "layers", "heads", "mlp_dim", "act", "norm_eps"}
+
+
+class ExplicitVisual(nn.Module):
+    """open_clip `TimmModel`'s layout (`trunk`, empty `head`) for a SigLIP ViT of any geometry.
+    open_clip's TimmModel passes no architecture arguments to timm, so the trunk is built here."""
+
+    def __init__(self, *, image_size: int, patch_size: int, width: int, layers: int, heads: int, mlp_dim: int,
+                 act: str, norm_eps: float, pool: str = "map", **_):
+        super().__init__()
+        from functools import partial
+
+        from timm.models.vision_transformer import VisionTransformer
+
+        if pool != "map":
+            raise ValueError(f"vision_cfg.pool={pool!r} is not supported (SigLIP's attention pool: 'map')")
+        self.trunk = VisionTransformer(
+            img_size=image_size, patch_size=patch_size, embed_dim=width, depth=layers, num_heads=heads,
+            mlp_ratio=exact_ratio(mlp_dim, width), class_token=False, global_pool="map", num_classes=0,
+            act_layer=act, norm_layer=partial(nn.LayerNorm, eps=norm_eps))
+        self.head = nn.Sequential()
+        self.image_size = (image_size, image_size)
+
+
+def exact_ratio(hidden: int, width: int) -> float:
+    """An mlp_ratio with int(width * ratio) == hidden (timm and open_clip size MLPs that way)."""
+    return (hidden + 0.5) / width
+
+
+def explicit_text_tower(embed_dim: int, text_cfg: dict) -> nn.Module:
+    """open_clip's TextTransformer from a text_cfg whose `mlp_dim` gives the exact MLP width."""
+    from open_clip.model import _build_text_tower
+
+    cfg = dict(text_cfg)
+    if "mlp_dim" in cfg:
+        cfg["mlp_ratio"] = exact_ratio(cfg.pop("mlp_dim"), cfg["width"])
+    return _build_text_tower(embed_dim, cfg)
 
 
 class SiglipTower(nn.Module):
@@ -86,14 +132,23 @@ class SiglipTower(nn.Module):
 
         register_tiny_trunk()
         cfg = clip_model_config(clip_model, clip_config)
-        args = {k: v for k, v in cfg.items() if k not in ("custom_text",)}
-        clip = open_clip.CustomTextCLIP(**args)
-        self.visual = clip.visual
-        if with_text:
-            self.text = clip.text
-            self.logit_scale = clip.logit_scale
-            self.logit_bias = clip.logit_bias
-        self.context_length = int(cfg["text_cfg"].get("context_length", 77))
+        if "timm_model_name" in cfg["vision_cfg"]:
+            args = {k: v for k, v in cfg.items() if k not in ("custom_text",)}
+            clip = open_clip.CustomTextCLIP(**args)
+            self.visual = clip.visual
+            if with_text:
+                self.text, self.logit_scale, self.logit_bias = clip.text, clip.logit_scale, clip.logit_bias
+        else:
+            self.visual = ExplicitVisual(**cfg["vision_cfg"])
+            if with_text:
+                if "text_cfg" not in cfg:
+                    raise ValueError("this SigLIP config has no text tower (a vision-only model): build with "
+                                     "with_text=False")
+                self.text = explicit_text_tower(cfg["embed_dim"], cfg["text_cfg"])
+                self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))  # SigLIP's init (t' = log 10)
+                self.logit_bias = nn.Parameter(torch.tensor(float(cfg.get("init_logit_bias", -10.0))))
+        self.context_length = int(cfg.get("text_cfg", {}).get("context_length", 77))
+        self.tokenizer_hint = tokenizer_hint(cfg)
         self.text_tokenizer = text_tokenizer
         self._tokenizer = None
         self.grad_checkpointing = False
