@@ -95,7 +95,6 @@ def test_vision_only_config_builds_without_text():
     ("text_config", "hidden_act", "quick_gelu", "text_config.hidden_act='quick_gelu'"),
     ("vision_config", "num_channels", 1, "num_channels=1"),
     ("vision_config", "vision_use_head", False, "vision_use_head=false"),
-    ("vision_config", "image_size", 30, "not a multiple of vision_config.patch_size 8"),
     ("vision_config", "num_attention_heads", 5, "not divisible by num_attention_heads 5"),
     ("text_config", "projection_size", 16, "projection_size 16"),
     (None, "model_type", "clip", "model_type 'clip' is not a SigLIP model"),

@@ -106,8 +106,7 @@ def vision_geometry(config: dict, *, image_size: Optional[int] = None) -> dict:
         if image_size is not None and image_size != size:
             raise ValueError(f"image_size={image_size} differs from the fixed-resolution config's {size}; only "
                              "NaFlex SigLIP2 (model_type siglip2) is rebuilt at another resolution")
-    if size % patch:
-        raise ValueError(f"image size {size} is not a multiple of vision_config.patch_size {patch}")
+    # no multiple of the patch needed: HF's strided conv and timm both floor the grid (384 px / 14 = 27)
     return {"image_size": size, "patch_size": patch, "width": int(v["hidden_size"]),
             "layers": int(v["num_hidden_layers"]), "heads": int(v["num_attention_heads"]),
             "mlp_dim": int(v["intermediate_size"]), "act": _activation("vision_config", v["hidden_act"]),
@@ -141,7 +140,8 @@ def clip_config_from_hf(config: dict, *, image_size: Optional[int] = None) -> di
     rebuilt at the fixed square `image_size`, default sqrt(num_patches) x patch) and
     "siglip2_vision_model". Raises ValueError naming the field for anything it cannot build
     (another model_type, non-RGB input, hidden_act other than gelu / gelu_pytorch_tanh / gelu_new,
-    no attention-pool head, widths not divisible by the head count, image size not a multiple of the patch).
+    no attention-pool head, widths not divisible by the head count). The grid is floor(image / patch), as HF and timm
+    compute it (siglip2-so400m-patch14-384: 27 x 27).
 
     The returned dict is JSON-serialisable: `vision_cfg` carries the explicit geometry (no timm
     model name), `text_cfg` open_clip's text fields plus `mlp_dim` (exact MLP width), and
