@@ -53,7 +53,8 @@ def info_cmd(model, as_json):
 
 
 @click.command("convert")
-@click.argument("kind", type=click.Choice(["mar-kl16", "llamagen-vq16", "siglip", "toklip"]), metavar="KIND")
+@click.argument("kind", type=click.Choice(["mar-kl16", "llamagen-vq16", "siglip", "toklip", "dualtoken"]),
+                metavar="KIND")
 @click.argument("src", type=click.Path(dir_okay=False))
 @click.argument("dst", type=click.Path(file_okay=False))
 @click.option("--preset", default=None,
@@ -61,8 +62,13 @@ def info_cmd(model, as_json):
                    "llamagen-vq16, dualtoken-so400m-384)")
 @click.option("--scaling-factor", type=float, default=None,
               help="KL latent scaling factor to record (default: the preset's, 0.2325 for MAR KL-16)")
+@click.option("--config", "model_config", type=click.Path(exists=True), default=None,
+              help="dualtoken: the official model_config_*/config.json (or its folder); default: config.json "
+                   "beside SRC")
+@click.option("--pretrained", type=click.Path(exists=True, file_okay=False), default=None,
+              help="dualtoken: the HF SigLIP folder (default: the config's pretrained_model)")
 @click.option("--json", "as_json", is_flag=True, help="JSON output")
-def convert_cmd(kind, src, dst, preset, scaling_factor, as_json):
+def convert_cmd(kind, src, dst, preset, scaling_factor, model_config, pretrained, as_json):
     """Convert a released checkpoint SRC into a vistok release directory DST.
 
     \b
@@ -71,13 +77,20 @@ def convert_cmd(kind, src, dst, preset, scaling_factor, as_json):
     toklip     TokLIP_S_256.pt / TokLIP_L_384.pt ({"state_dict": ...}; preset from pos_embed)
     siglip     open_clip SigLIP weights -> DualToken initialised from them
                (--preset picks the DualToken preset, default dualtoken-so400m-384)
+    dualtoken  official DualToken epoch_N.pt (songweii/DualToken main.py) with its
+               model config (--config, default config.json beside SRC) -> a
+               training-ready release (teacher included)
     """
     from ..convert import CONVERTERS
 
     log(f"converting {src} ({kind}) ...")
     if scaling_factor is not None and kind != "mar-kl16":
         raise ValueError(f"--scaling-factor applies to KL latents (mar-kl16), not to {kind}")
+    if (model_config or pretrained) and kind != "dualtoken":
+        raise ValueError(f"--config / --pretrained apply to dualtoken, not to {kind}")
     extra = {"scaling_factor": scaling_factor} if scaling_factor is not None else {}
+    if kind == "dualtoken":
+        extra = {"config": model_config, "pretrained": pretrained}
     report = CONVERTERS[kind](src, dst, preset=preset, **extra)
     emit([report], as_json=as_json)
 
