@@ -241,7 +241,8 @@ class ResidualQuantizer(nn.Module):
 
     @torch.no_grad()
     def _update(self, batches: list[tuple[int, torch.Tensor, torch.Tensor]]) -> None:
-        """EMA of counts and sums per codebook from (depth, inputs, ids), then the restart rule."""
+        """EMA of counts and sums per codebook from (depth, inputs, ids), the restart rule, then the
+        codebook as the smoothed EMA (the official VQEmbedding._update_buffers + _update_embedding)."""
         books = sorted({self.book_of(d) for d, _, _ in batches})
         k, c = self.codebook_size, self.codebook_dim
         counts = torch.zeros(len(books), k, device=self.embed.device)
