@@ -54,7 +54,7 @@ def info_cmd(model, as_json):
 
 @click.command("convert")
 @click.argument("kind", type=click.Choice(["mar-kl16", "llamagen-vq16", "siglip", "toklip"]), metavar="KIND")
-@click.argument("src", type=click.Path(dir_okay=False))
+@click.argument("src", type=click.Path())
 @click.argument("dst", type=click.Path(file_okay=False))
 @click.option("--preset", default=None,
               help="Architecture to load into (default: mar-kl16 / ldm-kl-f16 detected from the keys, "
@@ -69,8 +69,10 @@ def convert_cmd(kind, src, dst, preset, scaling_factor, as_json):
     mar-kl16   MAR kl16.ckpt / LDM kl-f16 (.ckpt, .pt or .safetensors)
     llamagen-vq16  LlamaGen vq_ds16_c2i.pt / vq_ds16_t2i.pt ({"model": state dict})
     toklip     TokLIP_S_256.pt / TokLIP_L_384.pt ({"state_dict": ...}; preset from pos_embed)
-    siglip     open_clip SigLIP weights -> DualToken initialised from them
-               (--preset picks the DualToken preset, default dualtoken-so400m-384)
+    siglip     open_clip SigLIP weights file, or an HF transformers SigLIP / SigLIP2
+               folder (config.json + model.safetensors; tower rebuilt with its geometry)
+               -> DualToken initialised from them (--preset picks the DualToken preset,
+               default dualtoken-so400m-384)
     """
     from ..convert import CONVERTERS
 

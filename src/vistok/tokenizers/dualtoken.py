@@ -15,6 +15,7 @@ layer through one codebook ("semantic" ids feed the decoder too).
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -345,10 +346,20 @@ class DualTokenTokenizer(VisualTokenizer):
 
 
 def load_siglip_weights(tower: SiglipTower, path: str) -> None:
-    """An open_clip SigLIP weights file (safetensors or torch pickle, `state_dict` / `module.` unwrapped)
-    into the tower, strictly; without a text tower the text keys are skipped."""
+    """SigLIP weights into the tower, strictly: an open_clip weights file (safetensors or torch pickle,
+    `state_dict` / `module.` unwrapped), or an HF transformers SigLIP / SigLIP2 folder (config.json +
+    model.safetensors), whose geometry must be the one the tower was built with (build with
+    `siglip_hf.siglip_init_args(folder)`, as `vistok convert siglip` does). Without a text tower the
+    text keys are skipped."""
     from ..convert.checkpoint_io import read_checkpoint, strip_prefixes, unwrap_state_dict
+    from .siglip_hf import is_hf_siglip_folder, load_hf_siglip_folder_into
 
+    if is_hf_siglip_folder(path):
+        load_hf_siglip_folder_into(tower, path)
+        return
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a directory but not an HF SigLIP folder (config.json with model_type siglip "
+                         "or siglip2): give an open_clip weights file or an HF SigLIP / SigLIP2 folder")
     state = strip_prefixes(unwrap_state_dict(read_checkpoint(path)), ["module."])
     if not hasattr(tower, "text"):
         state = {k: v for k, v in state.items() if not k.startswith(("text.", "logit_scale", "logit_bias"))}

@@ -132,6 +132,7 @@ class SiglipTower(nn.Module):
 
         register_tiny_trunk()
         cfg = clip_model_config(clip_model, clip_config)
+        self.clip_config = cfg
         if "timm_model_name" in cfg["vision_cfg"]:
             args = {k: v for k, v in cfg.items() if k not in ("custom_text",)}
             clip = open_clip.CustomTextCLIP(**args)
@@ -193,7 +194,7 @@ class SiglipTower(nn.Module):
     # ------------------------------------------------------------------ text
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
         if self._tokenizer is None:
-            self._tokenizer = build_text_tokenizer(self.text_tokenizer, self.context_length)
+            self._tokenizer = build_text_tokenizer(self.text_tokenizer, self.context_length, hint=self.tokenizer_hint)
         return self._tokenizer(list(texts))
 
     def encode_text(self, texts: Sequence[str] | torch.Tensor, *, normalize: bool = True) -> torch.Tensor:
@@ -227,9 +228,11 @@ def pool(visual: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return visual.head(trunk.forward_head(trunk.norm(x)))
 
 
-def build_text_tokenizer(spec: Optional[str], context_length: int):
+def build_text_tokenizer(spec: Optional[str], context_length: int, *, hint: Optional[str] = None):
     """`simple`: open_clip's bundled CLIP BPE (offline); a local directory: a Hugging Face tokenizer
-    saved there (SigLIP's, with open_clip's canonicalize cleaning); `hf:NAME`: from the HF cache."""
+    saved there (SigLIP's SentencePiece or SigLIP2's Gemma tokenizer, e.g. the HF SigLIP folder
+    itself, with open_clip's canonicalize cleaning); `hf:NAME`: from the HF cache. `hint` names the
+    tokenizer the text tower needs (in the error raised when none is configured)."""
     from open_clip.tokenizer import HFTokenizer, SimpleTokenizer
 
     if spec == "simple":
@@ -246,7 +249,9 @@ def build_text_tokenizer(spec: Optional[str], context_length: int):
         return HFTokenizer(spec, context_length=context_length, clean="canonicalize")
     if spec:
         raise FileNotFoundError(f"text tokenizer {spec!r} is neither 'simple', 'hf:NAME' nor a local directory")
-    raise ValueError("no text tokenizer configured: SigLIP's tokenizer files cannot be downloaded here; set "
-                     "text_tokenizer to a local directory holding them (the tokenizer named by the open_clip "
-                     "config's text_cfg.hf_tokenizer_name, saved with save_pretrained), 'hf:NAME' with a filled "
-                     "Hugging Face cache, or pass token ids to encode_text")
+    which = (f"this text tower needs {hint}" if hint else
+             "this text tower needs the tokenizer named by the open_clip config's text_cfg.hf_tokenizer_name")
+    raise ValueError(f"no text tokenizer configured ({which}); its files cannot be downloaded here: set "
+                     "text_tokenizer to a local directory holding them (the HF SigLIP folder's tokenizer files, or "
+                     "any tokenizer saved with save_pretrained), 'hf:NAME' with a filled Hugging Face cache, or pass "
+                     "token ids to encode_text")
