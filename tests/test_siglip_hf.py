@@ -88,6 +88,11 @@ def test_vision_only_config_builds_without_text():
         SiglipTower(clip_config=cfg)
     state, _ = hf_siglip_state_dict_to_vistok(read_hf_weights(HF / "siglip"), with_text=False)
     load_state_dict_strict(SiglipTower(clip_config=cfg, with_text=False), state)
+    # transformers 5 saves a SiglipVisionModel without the `vision_model.` level
+    bare = {k[len("vision_model."):]: v for k, v in read_hf_weights(HF / "siglip").items() if k.startswith("vision_model.")}
+    bare_state, _ = hf_siglip_state_dict_to_vistok(bare)
+    assert set(bare_state) == {k for k in state if k.startswith("visual.")}
+    assert all(torch.equal(bare_state[k], state[k]) for k in bare_state)
 
 
 @pytest.mark.parametrize("section,field,value,message", [

@@ -174,10 +174,25 @@ def find_prefix(state: dict[str, torch.Tensor]) -> str:
     the official DualToken model, ...); ValueError if no key holds `vision_model.`."""
     prefixes = {k[: k.index("vision_model.")] for k in state if "vision_model." in k}
     if not prefixes:
-        raise ValueError("no HF SigLIP vision keys (`vision_model.*`) found in the state dict")
+        raise ValueError("no HF SigLIP vision keys (`vision_model.*`, or a bare vision tower's "
+                         "`embeddings.patch_embedding.weight`) found in the state dict")
     if len(prefixes) > 1:
         raise ValueError(f"HF SigLIP keys under several prefixes {sorted(prefixes)}: pass prefix=")
     return prefixes.pop()
+
+
+BARE_VISION_KEY = "embeddings.patch_embedding.weight"
+
+
+def _with_vision_model_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A bare vision tower's names (transformers 5 saves SiglipVisionModel as `embeddings.*`,
+    `encoder.*`, `post_layernorm.*`, `head.*`) under `vision_model.` as SiglipModel names them."""
+    if any("vision_model." in k for k in state):
+        return state
+    bare = [k[: -len(BARE_VISION_KEY)] for k in state if k.endswith(BARE_VISION_KEY)]
+    if len(bare) != 1:
+        return state
+    return {(bare[0] + "vision_model." + k[len(bare[0]):] if k.startswith(bare[0]) else k): v for k, v in state.items()}
 
 
 def _split_in_proj(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -273,7 +288,9 @@ def hf_siglip_state_dict_to_vistok(
 
     state: HF names, optionally under a prefix (`prefix=None` finds it: the text before
     `vision_model.`; keys outside the prefix are ignored, so a whole official DualToken state dict
-    can be passed with prefix="siglip_model."). grid: the (h, w) patch grid to resize a NaFlex
+    can be passed, its prefix `siglip_model.` found). A bare vision tower's names (`embeddings.*`,
+    `encoder.*`, `post_layernorm.*`, `head.*`, as transformers 5 saves SiglipVisionModel) are read as
+    `vision_model.*` when prefix is None. grid: the (h, w) patch grid to resize a NaFlex
     SigLIP2 position table to (default its own square). with_text: map the text tower and logit
     scalars (default: if the state holds `text_model.*`).
 
@@ -283,7 +300,9 @@ def hf_siglip_state_dict_to_vistok(
     `nn.MultiheadAttention.in_proj_*`), the MAP head's in_proj is split into timm's `q` and `kv`,
     logit_scale/logit_bias (1,) become scalars. Tensors keep their dtype.
     """
-    prefix = find_prefix(state) if prefix is None else prefix
+    if prefix is None:
+        state = _with_vision_model_names(state)
+        prefix = find_prefix(state)
     ours = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     dropped = [prefix + k for k in ours if DROPPED.match(k)]
     ours = {k: v for k, v in ours.items() if not DROPPED.match(k)}
@@ -361,7 +380,7 @@ def load_hf_siglip_folder(path: str | Path, *, image_size: Optional[int] = None,
     only for NaFlex SigLIP2 (see `clip_config_from_hf`)."""
     clip_config = clip_config_from_hf(read_hf_config(path), image_size=image_size)
     side = clip_config["vision_cfg"]["image_size"] // clip_config["vision_cfg"]["patch_size"]
-    state, dropped = hf_siglip_state_dict_to_vistok(read_hf_weights(path), prefix="", grid=(side, side), with_text=with_text)
+    state, dropped = hf_siglip_state_dict_to_vistok(read_hf_weights(path), grid=(side, side), with_text=with_text)
     return clip_config, state, dropped
 
 
