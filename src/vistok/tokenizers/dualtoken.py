@@ -52,9 +52,11 @@ class DualTokenForward:
 class DualTokenTokenizer(VisualTokenizer):
     """Keyword-only; defaults are the official SigLIP-SO400M/14-384 configuration.
 
-    clip_model / clip_config: the open_clip SigLIP architecture (a bundled config name, updated by
-    clip_config); siglip_weights: an open_clip weights file to initialise tower and teacher from
-    (read once at construction; not recorded in saved configs); with_text / text_tokenizer: keep the
+    clip_model / clip_config: the SigLIP architecture (a bundled open_clip config name, updated by
+    clip_config; or clip_model=None and an explicit-geometry clip_config, e.g.
+    `siglip_hf.clip_config_from_hf(config.json)` of an HF SigLIP / SigLIP2 folder); siglip_weights: an
+    open_clip weights file or an HF SigLIP / SigLIP2 folder (of the same geometry) to initialise tower
+    and teacher from (read once at construction; not recorded in saved configs); with_text / text_tokenizer: keep the
     text tower for zero-shot (frozen, as in the official recipe); pixel_layer / semantic_layer /
     shortcut_layer (None: the paper's variant without the layer-4 mix) / shortcut_weight: 1-based
     layers; code_dim, codebook_size, pixel_depth, semantic_depth, decay, shared_codebook, restart:

@@ -3,7 +3,9 @@
 `SiglipTower` holds an open_clip `CustomTextCLIP`'s parts under open_clip's own names (`visual.trunk.*`,
 `text.*`, `logit_scale`, `logit_bias`), so an open_clip SigLIP weights file loads into it strictly.
 Building never downloads: the architecture comes from open_clip's bundled JSON configs (or a config
-dict), with timm's `pretrained=False`.
+dict), with timm's `pretrained=False`, or from an explicit geometry (`vision_cfg` with image_size,
+patch_size, width, layers, heads, mlp_dim, act, norm_eps instead of a timm model name: what
+`siglip_hf.clip_config_from_hf` makes of an HF transformers SigLIP config.json), under the same names.
 
 Layers are counted from 1 as in the DualToken paper: "layer k" is the output of `trunk.blocks[k-1]`.
 """
@@ -123,7 +125,12 @@ def explicit_text_tower(embed_dim: int, text_cfg: dict) -> nn.Module:
 
 
 class SiglipTower(nn.Module):
-    """An open_clip SigLIP model's vision tower (and optionally its text tower), tap-friendly."""
+    """An open_clip SigLIP model's vision tower (and optionally its text tower), tap-friendly.
+
+    clip_model: an open_clip model name; clip_config: an open_clip config dict updating it, or a
+    whole explicit-geometry config (see the module docstring); with_text: build the text tower and
+    logit scalars; text_tokenizer: see `build_text_tokenizer`. ValueError for a config it cannot build.
+    """
 
     def __init__(self, *, clip_model: Optional[str] = None, clip_config: Optional[dict] = None,
                  with_text: bool = True, text_tokenizer: Optional[str] = None):
