@@ -88,6 +88,11 @@ def test_vision_only_config_builds_without_text():
         SiglipTower(clip_config=cfg)
     state, _ = hf_siglip_state_dict_to_vistok(read_hf_weights(HF / "siglip"), with_text=False)
     load_state_dict_strict(SiglipTower(clip_config=cfg, with_text=False), state)
+    # transformers 5 saves a SiglipVisionModel without the `vision_model.` level
+    bare = {k[len("vision_model."):]: v for k, v in read_hf_weights(HF / "siglip").items() if k.startswith("vision_model.")}
+    bare_state, _ = hf_siglip_state_dict_to_vistok(bare)
+    assert set(bare_state) == {k for k in state if k.startswith("visual.")}
+    assert all(torch.equal(bare_state[k], state[k]) for k in bare_state)
 
 
 @pytest.mark.parametrize("section,field,value,message", [
@@ -95,6 +100,7 @@ def test_vision_only_config_builds_without_text():
     ("text_config", "hidden_act", "quick_gelu", "text_config.hidden_act='quick_gelu'"),
     ("vision_config", "num_channels", 1, "num_channels=1"),
     ("vision_config", "vision_use_head", False, "vision_use_head=false"),
+    ("vision_config", "image_size", 4, "smaller than vision_config.patch_size 8"),
     ("vision_config", "num_attention_heads", 5, "not divisible by num_attention_heads 5"),
     ("text_config", "projection_size", 16, "projection_size 16"),
     (None, "model_type", "clip", "model_type 'clip' is not a SigLIP model"),
@@ -150,3 +156,94 @@ def test_folder_without_safetensors_is_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "siglip"})[:-1])
     with pytest.raises(ValueError, match="not valid JSON"):
         read_hf_config(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------- DualToken
+def tiny_dualtoken_args(size: int, grid: int) -> dict:
+    """DualToken settings that fit the tiny HF towers (2-3 layers, 4x4 or 6x6 grid)."""
+    ch_mult = {4: [1, 2, 2, 2], 6: [1, 2, 2]}[grid]
+    return {"pixel_layer": 1, "semantic_layer": 2, "shortcut_layer": None, "code_dim": 8, "codebook_size": 64,
+            "pixel_depth": 2, "semantic_depth": 2, "decoder_latent_size": grid, "text_tokenizer": None,
+            "decoder": {"ch": 16, "ch_mult": ch_mult, "num_res_blocks": 1, "attn_resolutions": [grid],
+                        "in_channels": 16, "groups": 8},
+            "preprocess": {"image_size": size, "crop": "center", "interpolation": "bicubic",
+                           "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}}
+
+
+def check_teacher(tok, kind: str, size: int) -> None:
+    """The teacher (frozen initial tower) gives transformers' layer-2 features and pooled output."""
+    ref = load_file(str(HF / f"{kind}_outputs.safetensors"))
+    deep, pooled = tok.teacher_targets(ref[f"pixels_{size}"])
+    assert rel(deep, ref[f"hidden_{size}_2"]) < 1e-4 and rel(pooled, ref[f"pooled_{size}"]) < 1e-4
+    with torch.no_grad():
+        assert rel(tok.encode_text(ref["input_ids"], normalize=False), ref["text_embeds"]) < 1e-4
+
+
+def test_convert_siglip_from_hf_folder_reloads(tmp_path):
+    """`convert siglip` on an HF folder: tower geometry from its config.json, every weight from its
+    safetensors, a release that reloads (no transformers) with the teacher and text tower intact."""
+    import vistok
+    from vistok.convert import convert_siglip
+
+    report = convert_siglip(HF / "siglip", tmp_path / "rel", preset="tiny-dualtoken", **tiny_dualtoken_args(32, 4))
+    assert report["format"] == "hf-transformers" and report["text_tower"]
+    config = json.loads((tmp_path / "rel" / "config.json").read_text())
+    assert config["model_args"]["siglip_weights"] is None and config["model_args"]["clip_model"] is None
+    assert config["model_args"]["clip_config"]["vision_cfg"]["act"] == "gelu_tanh"
+    tok = vistok.load_tokenizer(tmp_path / "rel")
+    check_teacher(tok, "siglip", 32)
+    enc = tok.encode(load_file(str(HF / "siglip_outputs.safetensors"))["pixels_32"])
+    assert enc.ids["pixel"].shape == (2, 4, 4, 2) and enc.pooled.shape == (2, 32)
+
+
+def test_model_init_takes_a_naflex_siglip2_folder_at_the_preset_size():
+    """model.init = an HF SigLIP2 (NaFlex) folder: built at the run's 24 px (6x6 grid, resized position
+    table), tower and teacher from the folder."""
+    from vistok.train.config import load_config
+    from vistok.train.trainer import build_model
+
+    cfg = load_config("dualtoken-tiny", [])
+    cfg.model.init = str(HF / "siglip2")
+    cfg.model.overrides = tiny_dualtoken_args(24, 6)
+    tok = build_model(cfg).eval()
+    assert tok.siglip.grid == (6, 6) and tok.config["clip_config"]["vision_cfg"]["hf_model_type"] == "siglip2"
+    check_teacher(tok, "siglip2", 24)
+
+
+def test_siglip_weights_into_another_geometry_is_refused():
+    import vistok
+
+    with pytest.raises(ValueError, match=r"not built with the geometry of .*siglip.*vision_cfg\.image_size: folder 32"):
+        vistok.create_tokenizer("tiny-dualtoken", siglip_weights=str(HF / "siglip"))
+
+
+def test_cli_convert_accepts_an_hf_folder(tmp_path):
+    """The CLI takes a folder as SRC; the tiny-dualtoken preset's layer taps do not fit the 3-layer tower,
+    which the error names (the folder's geometry was used)."""
+    from click.testing import CliRunner
+
+    from vistok.cli import main
+
+    res = CliRunner().invoke(main, ["convert", "siglip", str(HF / "siglip"), str(tmp_path / "o"),
+                                    "--preset", "tiny-dualtoken"])
+    assert res.exit_code != 0
+    assert "semantic_layer=5 is outside the tower's layers 1..3" in str(res.exception) + res.output
+
+
+def test_official_backbone_preset_takes_every_hf_key():
+    """dualtoken-siglip2-so400m14-384 holds exactly HF siglip2-so400m-patch14-384's tensors (key list
+    written by transformers' SiglipModel with that config, tests/data/keys): all 888 map and fit."""
+    import vistok
+    from conftest import read_key_list
+
+    with torch.device("meta"):
+        tok = vistok.create_tokenizer("dualtoken-siglip2-so400m14-384", with_teacher=False)
+        hf = {k: torch.empty(shape) for k, shape in read_key_list("hf_siglip2_so400m14_384.txt")}
+        mapped, dropped = hf_siglip_state_dict_to_vistok(hf)
+    assert len(hf) == 888 and dropped == []
+    ours = {k: tuple(v.shape) for k, v in tok.siglip.state_dict().items()}
+    assert ours == {k: tuple(v.shape) for k, v in mapped.items()}
+    assert tok.siglip.grid == (27, 27) and tok.codebooks["pixel"].depth == tok.codebooks["semantic"].depth == 8
+    assert gelu_kind(tok.siglip.trunk.blocks[0].mlp.act.to_empty(device="cpu")) == "tanh"
+    with pytest.raises(ValueError, match="Gemma tokenizer of SigLIP2"):
+        tok.siglip.tokenize(["a photo"])

@@ -55,7 +55,7 @@ def info_cmd(model, as_json):
 @click.command("convert")
 @click.argument("kind", type=click.Choice(["mar-kl16", "llamagen-vq16", "siglip", "toklip", "dualtoken"]),
                 metavar="KIND")
-@click.argument("src", type=click.Path(dir_okay=False))
+@click.argument("src", type=click.Path())
 @click.argument("dst", type=click.Path(file_okay=False))
 @click.option("--preset", default=None,
               help="Architecture to load into (default: mar-kl16 / ldm-kl-f16 detected from the keys, "
@@ -75,8 +75,10 @@ def convert_cmd(kind, src, dst, preset, scaling_factor, model_config, pretrained
     mar-kl16   MAR kl16.ckpt / LDM kl-f16 (.ckpt, .pt or .safetensors)
     llamagen-vq16  LlamaGen vq_ds16_c2i.pt / vq_ds16_t2i.pt ({"model": state dict})
     toklip     TokLIP_S_256.pt / TokLIP_L_384.pt ({"state_dict": ...}; preset from pos_embed)
-    siglip     open_clip SigLIP weights -> DualToken initialised from them
-               (--preset picks the DualToken preset, default dualtoken-so400m-384)
+    siglip     open_clip SigLIP weights file, or an HF transformers SigLIP / SigLIP2
+               folder (config.json + model.safetensors; tower rebuilt with its geometry)
+               -> DualToken initialised from them (--preset picks the DualToken preset,
+               default dualtoken-so400m-384)
     dualtoken  official DualToken epoch_N.pt (songweii/DualToken main.py) with its
                model config (--config, default config.json beside SRC) -> a
                training-ready release (teacher included)

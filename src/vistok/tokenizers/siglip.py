@@ -3,7 +3,9 @@
 `SiglipTower` holds an open_clip `CustomTextCLIP`'s parts under open_clip's own names (`visual.trunk.*`,
 `text.*`, `logit_scale`, `logit_bias`), so an open_clip SigLIP weights file loads into it strictly.
 Building never downloads: the architecture comes from open_clip's bundled JSON configs (or a config
-dict), with timm's `pretrained=False`.
+dict), with timm's `pretrained=False`, or from an explicit geometry (`vision_cfg` with image_size,
+patch_size, width, layers, heads, mlp_dim, act, norm_eps instead of a timm model name: what
+`siglip_hf.clip_config_from_hf` makes of an HF transformers SigLIP config.json), under the same names.
 
 Layers are counted from 1 as in the DualToken paper: "layer k" is the output of `trunk.blocks[k-1]`.
 """
@@ -123,7 +125,12 @@ def explicit_text_tower(embed_dim: int, text_cfg: dict) -> nn.Module:
 
 
 class SiglipTower(nn.Module):
-    """An open_clip SigLIP model's vision tower (and optionally its text tower), tap-friendly."""
+    """An open_clip SigLIP model's vision tower (and optionally its text tower), tap-friendly.
+
+    clip_model: an open_clip model name; clip_config: an open_clip config dict updating it, or a
+    whole explicit-geometry config (see the module docstring); with_text: build the text tower and
+    logit scalars; text_tokenizer: see `build_text_tokenizer`. ValueError for a config it cannot build.
+    """
 
     def __init__(self, *, clip_model: Optional[str] = None, clip_config: Optional[dict] = None,
                  with_text: bool = True, text_tokenizer: Optional[str] = None):
@@ -132,6 +139,7 @@ class SiglipTower(nn.Module):
 
         register_tiny_trunk()
         cfg = clip_model_config(clip_model, clip_config)
+        self.clip_config = cfg
         if "timm_model_name" in cfg["vision_cfg"]:
             args = {k: v for k, v in cfg.items() if k not in ("custom_text",)}
             clip = open_clip.CustomTextCLIP(**args)
@@ -193,7 +201,7 @@ class SiglipTower(nn.Module):
     # ------------------------------------------------------------------ text
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
         if self._tokenizer is None:
-            self._tokenizer = build_text_tokenizer(self.text_tokenizer, self.context_length)
+            self._tokenizer = build_text_tokenizer(self.text_tokenizer, self.context_length, hint=self.tokenizer_hint)
         return self._tokenizer(list(texts))
 
     def encode_text(self, texts: Sequence[str] | torch.Tensor, *, normalize: bool = True) -> torch.Tensor:
@@ -227,9 +235,11 @@ def pool(visual: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return visual.head(trunk.forward_head(trunk.norm(x)))
 
 
-def build_text_tokenizer(spec: Optional[str], context_length: int):
+def build_text_tokenizer(spec: Optional[str], context_length: int, *, hint: Optional[str] = None):
     """`simple`: open_clip's bundled CLIP BPE (offline); a local directory: a Hugging Face tokenizer
-    saved there (SigLIP's, with open_clip's canonicalize cleaning); `hf:NAME`: from the HF cache."""
+    saved there (SigLIP's SentencePiece or SigLIP2's Gemma tokenizer, e.g. the HF SigLIP folder
+    itself, with open_clip's canonicalize cleaning); `hf:NAME`: from the HF cache. `hint` names the
+    tokenizer the text tower needs (in the error raised when none is configured)."""
     from open_clip.tokenizer import HFTokenizer, SimpleTokenizer
 
     if spec == "simple":
@@ -246,7 +256,9 @@ def build_text_tokenizer(spec: Optional[str], context_length: int):
         return HFTokenizer(spec, context_length=context_length, clean="canonicalize")
     if spec:
         raise FileNotFoundError(f"text tokenizer {spec!r} is neither 'simple', 'hf:NAME' nor a local directory")
-    raise ValueError("no text tokenizer configured: SigLIP's tokenizer files cannot be downloaded here; set "
-                     "text_tokenizer to a local directory holding them (the tokenizer named by the open_clip "
-                     "config's text_cfg.hf_tokenizer_name, saved with save_pretrained), 'hf:NAME' with a filled "
-                     "Hugging Face cache, or pass token ids to encode_text")
+    which = (f"this text tower needs {hint}" if hint else
+             "this text tower needs the tokenizer named by the open_clip config's text_cfg.hf_tokenizer_name")
+    raise ValueError(f"no text tokenizer configured ({which}); its files cannot be downloaded here: set "
+                     "text_tokenizer to a local directory holding them (the HF SigLIP folder's tokenizer files, or "
+                     "any tokenizer saved with save_pretrained), 'hf:NAME' with a filled Hugging Face cache, or pass "
+                     "token ids to encode_text")

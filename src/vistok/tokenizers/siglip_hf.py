@@ -106,7 +106,8 @@ def vision_geometry(config: dict, *, image_size: Optional[int] = None) -> dict:
         if image_size is not None and image_size != size:
             raise ValueError(f"image_size={image_size} differs from the fixed-resolution config's {size}; only "
                              "NaFlex SigLIP2 (model_type siglip2) is rebuilt at another resolution")
-    # no multiple of the patch needed: HF's strided conv and timm both floor the grid (384 px / 14 = 27)
+    if size < patch:  # otherwise floor(size / patch) patches per side, as HF's strided conv (384 / 14 -> 27)
+        raise ValueError(f"image size {size} is smaller than vision_config.patch_size {patch}")
     return {"image_size": size, "patch_size": patch, "width": int(v["hidden_size"]),
             "layers": int(v["num_hidden_layers"]), "heads": int(v["num_attention_heads"]),
             "mlp_dim": int(v["intermediate_size"]), "act": _activation("vision_config", v["hidden_act"]),
@@ -140,8 +141,7 @@ def clip_config_from_hf(config: dict, *, image_size: Optional[int] = None) -> di
     rebuilt at the fixed square `image_size`, default sqrt(num_patches) x patch) and
     "siglip2_vision_model". Raises ValueError naming the field for anything it cannot build
     (another model_type, non-RGB input, hidden_act other than gelu / gelu_pytorch_tanh / gelu_new,
-    no attention-pool head, widths not divisible by the head count). The grid is floor(image / patch), as HF and timm
-    compute it (siglip2-so400m-patch14-384: 27 x 27).
+    no attention-pool head, widths not divisible by the head count, image smaller than a patch).
 
     The returned dict is JSON-serialisable: `vision_cfg` carries the explicit geometry (no timm
     model name), `text_cfg` open_clip's text fields plus `mlp_dim` (exact MLP width), and
@@ -174,10 +174,25 @@ def find_prefix(state: dict[str, torch.Tensor]) -> str:
     the official DualToken model, ...); ValueError if no key holds `vision_model.`."""
     prefixes = {k[: k.index("vision_model.")] for k in state if "vision_model." in k}
     if not prefixes:
-        raise ValueError("no HF SigLIP vision keys (`vision_model.*`) found in the state dict")
+        raise ValueError("no HF SigLIP vision keys (`vision_model.*`, or a bare vision tower's "
+                         "`embeddings.patch_embedding.weight`) found in the state dict")
     if len(prefixes) > 1:
         raise ValueError(f"HF SigLIP keys under several prefixes {sorted(prefixes)}: pass prefix=")
     return prefixes.pop()
+
+
+BARE_VISION_KEY = "embeddings.patch_embedding.weight"
+
+
+def _with_vision_model_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A bare vision tower's names (transformers 5 saves SiglipVisionModel as `embeddings.*`,
+    `encoder.*`, `post_layernorm.*`, `head.*`) under `vision_model.` as SiglipModel names them."""
+    if any("vision_model." in k for k in state):
+        return state
+    bare = [k[: -len(BARE_VISION_KEY)] for k in state if k.endswith(BARE_VISION_KEY)]
+    if len(bare) != 1:
+        return state
+    return {(bare[0] + "vision_model." + k[len(bare[0]):] if k.startswith(bare[0]) else k): v for k, v in state.items()}
 
 
 def _split_in_proj(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -273,7 +288,9 @@ def hf_siglip_state_dict_to_vistok(
 
     state: HF names, optionally under a prefix (`prefix=None` finds it: the text before
     `vision_model.`; keys outside the prefix are ignored, so a whole official DualToken state dict
-    can be passed with prefix="siglip_model."). grid: the (h, w) patch grid to resize a NaFlex
+    can be passed, its prefix `siglip_model.` found). A bare vision tower's names (`embeddings.*`,
+    `encoder.*`, `post_layernorm.*`, `head.*`, as transformers 5 saves SiglipVisionModel) are read as
+    `vision_model.*` when prefix is None. grid: the (h, w) patch grid to resize a NaFlex
     SigLIP2 position table to (default its own square). with_text: map the text tower and logit
     scalars (default: if the state holds `text_model.*`).
 
@@ -283,7 +300,9 @@ def hf_siglip_state_dict_to_vistok(
     `nn.MultiheadAttention.in_proj_*`), the MAP head's in_proj is split into timm's `q` and `kv`,
     logit_scale/logit_bias (1,) become scalars. Tensors keep their dtype.
     """
-    prefix = find_prefix(state) if prefix is None else prefix
+    if prefix is None:
+        state = _with_vision_model_names(state)
+        prefix = find_prefix(state)
     ours = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     dropped = [prefix + k for k in ours if DROPPED.match(k)]
     ours = {k: v for k, v in ours.items() if not DROPPED.match(k)}
@@ -361,5 +380,44 @@ def load_hf_siglip_folder(path: str | Path, *, image_size: Optional[int] = None,
     only for NaFlex SigLIP2 (see `clip_config_from_hf`)."""
     clip_config = clip_config_from_hf(read_hf_config(path), image_size=image_size)
     side = clip_config["vision_cfg"]["image_size"] // clip_config["vision_cfg"]["patch_size"]
-    state, dropped = hf_siglip_state_dict_to_vistok(read_hf_weights(path), prefix="", grid=(side, side), with_text=with_text)
+    state, dropped = hf_siglip_state_dict_to_vistok(read_hf_weights(path), grid=(side, side), with_text=with_text)
     return clip_config, state, dropped
+
+
+def siglip_init_args(path: str | Path, *, image_size: Optional[int] = None, preset: Optional[str] = None) -> dict:
+    """Constructor arguments (DualToken / TokLIP) that build an HF SigLIP folder's exact geometry and
+    load its weights: {"clip_model": None, "clip_config": ..., "siglip_weights": path}. A NaFlex
+    SigLIP2 folder is built at `image_size`, else at the preset's preprocess image size."""
+    hf = read_hf_config(path)
+    if image_size is None and preset and model_type(hf) == "siglip2":
+        from .registry import get_preset
+
+        image_size = get_preset(preset)["args"].get("preprocess", {}).get("image_size")
+    config = clip_config_from_hf(hf, image_size=image_size)
+    return {"clip_model": None, "clip_config": config, "siglip_weights": str(path)}
+
+
+def load_hf_siglip_folder_into(tower, path: str | Path) -> None:
+    """An HF SigLIP folder's weights into a `SiglipTower` built with its geometry, strictly; a tower of
+    another geometry is refused naming the differing fields (activation and eps included, which shapes
+    alone would not reveal)."""
+    from .base import load_state_dict_strict
+
+    with_text = hasattr(tower, "text")
+    kind = model_type(read_hf_config(path))
+    size = tower.image_size[0] if kind == "siglip2" else None
+    wanted = clip_config_from_hf(read_hf_config(path), image_size=size)
+    built = tower.clip_config
+    diffs = [f"vision_cfg.{k}: folder {v!r}, tower {built['vision_cfg'].get(k)!r}"
+             for k, v in wanted["vision_cfg"].items() if built["vision_cfg"].get(k) != v]
+    if with_text:
+        if "text_cfg" not in wanted:
+            raise ValueError(f"{path} is a vision-only SigLIP folder: build the tower with with_text=False")
+        diffs += [f"text_cfg.{k}: folder {v!r}, tower {built.get('text_cfg', {}).get(k)!r}"
+                  for k, v in wanted["text_cfg"].items() if built.get("text_cfg", {}).get(k) != v]
+    if diffs:
+        raise ValueError(f"the SigLIP tower was not built with the geometry of {path} ({'; '.join(diffs[:6])}): build "
+                         "it with clip_model=None, clip_config=clip_config_from_hf(config.json) "
+                         "(vistok.tokenizers.siglip_hf.siglip_init_args does; `vistok convert siglip` too)")
+    _, state, _ = load_hf_siglip_folder(path, image_size=size, with_text=with_text)
+    load_state_dict_strict(tower, state, target=f"SigLIP tower from {path}")
