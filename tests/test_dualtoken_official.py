@@ -217,3 +217,27 @@ def test_config_and_pretrained_folder_are_found_or_asked_for(tmp_path):
     res = runner.invoke(main, ["convert", "toklip", str(lone / "epoch_1.pt"), str(tmp_path / "o2"), "--config",
                                str(config_dir)])
     assert res.exit_code == 1 and "--config / --pretrained apply to dualtoken" in res.stderr
+
+
+def test_official_384_config_builds_the_official_parameter_count_and_the_preset():
+    """The official model_config_siglip_384_rvq8 on SigLIP2-So400M/14-384: the official RQVAESiglipModel
+    has 1,347,264,469 parameters besides its two (16384 + 1) x 32 nn.Embedding codebooks (counted by
+    building it with transformers 4.50.3 on the meta device; tests/data/dualtoken_official/README.md)."""
+    from vistok.convert.dualtoken import dualtoken_args
+    from vistok.tokenizers.dualtoken import DualTokenTokenizer
+
+    vq = {"code_shape": [27, 27, 8], "decay": 0.99, "embed_dim": 32, "latent_shape": [27, 27, 32], "n_embed": 16384,
+          "restart_unused_codes": True, "shared_codebook": True}
+    cfg = {"layer_recon": 6, "layer_sem": 26, "layer_shortcut": 4, "weight_shortcut": 0.6, "hidden_size": 1152,
+           "ddconfig": {"attn_resolutions": [24], "ch": 128, "ch_mult": [1, 1, 4, 4, 8], "decoder_in_channels": 1024,
+                        "double_z": False, "dropout": 0.0, "in_channels": 3, "num_res_blocks": 2, "out_ch": 3,
+                        "resolution": 384},
+           "decoder_latent_shape": [24, 24], "vq_sem": {**vq, "bottleneck_type": "rq_ema"},
+           "vq_pix": {**vq, "bottleneck_type": "rq"}}
+    with torch.device("meta"):
+        preset = vistok.create_tokenizer("dualtoken-siglip2-so400m14-384", with_teacher=False)
+        tok = DualTokenTokenizer(**dualtoken_args(cfg, preset.config["clip_config"]), with_teacher=False)
+    assert tok.num_parameters() == 1_347_264_469
+    books = sum(b.numel() for n, b in tok.named_buffers() if n.endswith("_quantizer.embed"))
+    assert books == 2 * 16384 * 32  # the official rows minus the two padding rows
+    assert {k: v.shape for k, v in tok.state_dict().items()} == {k: v.shape for k, v in preset.state_dict().items()}
