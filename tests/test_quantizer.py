@@ -62,6 +62,41 @@ def test_commitment_losses_equal_hand_computation():
     torch.testing.assert_close(out.quantized, p2)
 
 
+def test_per_depth_schedule_looks_codes_up_before_rewriting_the_codebook():
+    """The official "rq" order: depth d returns the code it found, then rewrites the shared codebook;
+    depth d+1 searches the rewritten one."""
+    q = make(depth=2, decay=0.5, restart="none", ema_schedule="per_depth").train()
+    book = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 5.0]])
+    set_codebook(q, book)
+    x = torch.tensor([[0.9, 0.0], [2.0, 0.0]])
+    out = q(x)
+    # depth 1: both -> code 1 = (1, 0) of the old codebook; then counts [0, 2, 0], sums [0, (2.9, 0), 0]
+    cluster = 0.5 * 1.0 + 0.5 * torch.tensor([0.0, 2.0, 0.0])
+    avg = 0.5 * book + 0.5 * torch.tensor([[0.0, 0.0], [2.9, 0.0], [0.0, 0.0]])
+    n = cluster.sum()
+    new_book = avg / ((cluster + 1e-5) / (n + 3e-5) * n)[:, None]  # code 1 moves to ~(1.3, 0)
+    # depth 2: residuals (-0.1, 0) -> code 0, (1, 0) -> code 1 of the *new* codebook
+    assert out.ids.tolist() == [[1, 0], [1, 1]]
+    expected = torch.stack([book[1] + new_book[0], book[1] + new_book[1]])
+    torch.testing.assert_close(out.quantized, expected)
+
+
+def test_restart_tiles_a_small_batch_and_gives_each_dead_code_its_own_draw():
+    torch.manual_seed(0)
+    q = ResidualQuantizer(dim=4, codebook_size=16, depth=1, restart="ema").train()
+    x = torch.randn(5, 4) + 10.0
+    q(x)
+    assert int(q.restarts_total) == 16  # counts start at 0: every code is below 1 after step 1
+    # 16 candidates from the batch tiled 4 times (20 rows), each row jittered by U(0, 0.01 / sqrt(4)),
+    # taken without replacement: distinct vectors, each batch vector used at most 4 times
+    offsets = q.embed_avg[0][:, None] - x[None]  # (16, 5, 4)
+    source = offsets.norm(dim=-1).argmin(1)
+    jitter = offsets[torch.arange(16), source]
+    assert jitter.min() >= 0 and jitter.max() < 0.005
+    assert torch.bincount(source, minlength=5).max() <= 4
+    assert torch.cdist(q.embed_avg[0], q.embed_avg[0]).add(torch.eye(16)).min() > 0
+
+
 def usage_after(restart, steps=5, **kw):
     torch.manual_seed(0)
     q = ResidualQuantizer(dim=8, codebook_size=64, depth=1, restart=restart, usage_window=1, **kw).train()
@@ -90,9 +125,13 @@ def test_dualtoken_counts_start_at_zero_so_step_one_reseeds_from_data():
     # by a batch vector (count reset to 1); the data sits far from all initial codes, so most are
     dead = hits < 100
     assert int(q.restarts_total) == int(dead.sum()) >= 6
-    assert torch.cdist(q.embed[0, dead], x).min(1).values.max() < 1e-6
+    assert torch.cdist(q.embed_avg[0, dead], x, compute_mode="donot_use_mm_for_euclid_dist").min(1).values.max() < 1e-6
     torch.testing.assert_close(q.cluster_size[0, dead], torch.ones(int(dead.sum())))
     torch.testing.assert_close(q.cluster_size[0, ~dead], 0.01 * hits[~dead])
+    # the codebook is the EMA smoothed with the post-restart counts (official _update_embedding order)
+    cluster = q.cluster_size[0]
+    n = cluster.sum()
+    torch.testing.assert_close(q.embed[0], q.embed_avg[0] / ((cluster + 1e-5) / (n + 8e-5) * n)[:, None])
 
 
 def test_unused_rule_waits_n_steps_and_resets_state():

@@ -156,10 +156,10 @@ def test_model_config_known_trunks_pick_presets_and_bad_configs_are_named():
         toklip_args_from_model_config(s256)
     cfg = json.loads(CONFIG.read_text())
     preset, args = toklip_args_from_model_config(cfg)
-    trunk = args["clip_config"]["vision_cfg"]["timm_model_kwargs"]
+    trunk = args["clip_config"]["vision_cfg"]
     assert preset is None and args["mlp_hidden"] == 4 * 32 and args["preprocess"] == {"image_size": 64}
-    assert trunk == {"img_size": 64, "patch_size": 16, "embed_dim": 32, "depth": 2, "num_heads": 2,
-                     "mlp_ratio": 3.7362}
+    assert trunk == {"image_size": 64, "patch_size": 16, "width": 32, "layers": 2, "heads": 2,
+                     "mlp_dim": 119, "act": "gelu_tanh", "norm_eps": 1e-6, "pool": "map"}
     cfg["vision_cfg"]["head_width"] = 12
     with pytest.raises(ValueError, match="width 32 is not a multiple of head_width 12"):
         toklip_args_from_model_config(cfg)

@@ -53,19 +53,23 @@ def info_cmd(model, as_json):
 
 
 @click.command("convert")
-@click.argument("kind", type=click.Choice(["mar-kl16", "llamagen-vq16", "siglip", "toklip"]), metavar="KIND")
-@click.argument("src", type=click.Path(dir_okay=False))
+@click.argument("kind", type=click.Choice(["mar-kl16", "llamagen-vq16", "siglip", "toklip", "dualtoken"]),
+                metavar="KIND")
+@click.argument("src", type=click.Path())
 @click.argument("dst", type=click.Path(file_okay=False))
 @click.option("--preset", default=None,
               help="Architecture to load into (default: mar-kl16 / ldm-kl-f16 detected from the keys, "
                    "llamagen-vq16, dualtoken-so400m-384)")
 @click.option("--scaling-factor", type=float, default=None,
               help="KL latent scaling factor to record (default: the preset's, 0.2325 for MAR KL-16)")
-@click.option("--config", "model_config", type=click.Path(dir_okay=False), default=None,
-              help="toklip: TokLIP's model-config JSON (src/open_clip/model_configs/*-toklip.json); builds "
-                   "the matching architecture when no preset fits")
+@click.option("--config", "model_config", type=click.Path(exists=True), default=None,
+              help="dualtoken: the official model_config_*/config.json (or its folder; default: config.json "
+                   "beside SRC); toklip: TokLIP's model-config JSON (src/open_clip/model_configs/*-toklip.json), "
+                   "which builds the matching architecture when no preset fits")
+@click.option("--pretrained", type=click.Path(exists=True, file_okay=False), default=None,
+              help="dualtoken: the HF SigLIP folder (default: the config's pretrained_model)")
 @click.option("--json", "as_json", is_flag=True, help="JSON output")
-def convert_cmd(kind, src, dst, preset, scaling_factor, model_config, as_json):
+def convert_cmd(kind, src, dst, preset, scaling_factor, model_config, pretrained, as_json):
     """Convert a released checkpoint SRC into a vistok release directory DST.
 
     \b
@@ -73,18 +77,27 @@ def convert_cmd(kind, src, dst, preset, scaling_factor, model_config, as_json):
     llamagen-vq16  LlamaGen vq_ds16_c2i.pt / vq_ds16_t2i.pt ({"model": state dict})
     toklip     TokLIP_S_256.pt / TokLIP_L_384.pt or a TokLIP training checkpoint
                ({"state_dict": ...}; preset from pos_embed, or --config MODEL_CONFIG.json)
-    siglip     open_clip SigLIP weights -> DualToken initialised from them
-               (--preset picks the DualToken preset, default dualtoken-so400m-384)
+    siglip     open_clip SigLIP weights file, or an HF transformers SigLIP / SigLIP2
+               folder (config.json + model.safetensors; tower rebuilt with its geometry)
+               -> DualToken initialised from them (--preset picks the DualToken preset,
+               default dualtoken-so400m-384)
+    dualtoken  official DualToken epoch_N.pt (songweii/DualToken main.py) with its
+               model config (--config, default config.json beside SRC) -> a
+               training-ready release (teacher included)
     """
     from ..convert import CONVERTERS
 
     log(f"converting {src} ({kind}) ...")
     if scaling_factor is not None and kind != "mar-kl16":
         raise ValueError(f"--scaling-factor applies to KL latents (mar-kl16), not to {kind}")
-    if model_config is not None and kind != "toklip":
-        raise ValueError(f"--config applies to toklip (TokLIP's model-config JSON), not to {kind}")
+    if model_config is not None and kind not in ("dualtoken", "toklip"):
+        raise ValueError(f"--config applies to dualtoken and toklip, not to {kind}")
+    if pretrained is not None and kind != "dualtoken":
+        raise ValueError(f"--pretrained applies to dualtoken, not to {kind}")
     extra = {"scaling_factor": scaling_factor} if scaling_factor is not None else {}
-    if model_config is not None:
+    if kind == "dualtoken":
+        extra = {"config": model_config, "pretrained": pretrained}
+    elif model_config is not None:
         extra["config"] = model_config
     report = CONVERTERS[kind](src, dst, preset=preset, **extra)
     if not as_json:  # a table cell per list: "a, b" (the table's own list format is "AxB", for grids)

@@ -5,6 +5,7 @@ pickled code.
 """
 
 from .checkpoint_io import read_checkpoint
+from .dualtoken import convert_dualtoken
 from .diffusers_export import export_diffusers, kl_diffusers_config, kl_to_diffusers_state_dict
 from .llamagen_vq import convert_llamagen_vq
 from .mar_kl import convert_mar_kl16
@@ -12,7 +13,7 @@ from .siglip import convert_siglip
 from .toklip import convert_toklip
 
 CONVERTERS = {"mar-kl16": convert_mar_kl16, "llamagen-vq16": convert_llamagen_vq, "siglip": convert_siglip,
-              "toklip": convert_toklip}
+              "toklip": convert_toklip, "dualtoken": convert_dualtoken}
 
-__all__ = ["CONVERTERS", "convert_llamagen_vq", "convert_mar_kl16", "convert_siglip", "convert_toklip",
+__all__ = ["CONVERTERS", "convert_dualtoken", "convert_llamagen_vq", "convert_mar_kl16", "convert_siglip", "convert_toklip",
            "export_diffusers", "kl_diffusers_config", "kl_to_diffusers_state_dict", "read_checkpoint"]

@@ -93,16 +93,13 @@ def toklip_args_from_model_config(config: dict | str | Path) -> tuple[Optional[s
     vq = get_preset("toklip-s-256")["args"]["vq"]  # LlamaGen VQ-16: stride 16
     if size % 16:
         raise ValueError(f"vision_cfg.image_size {size} is not a multiple of the VQ-16 stride 16")
-    trunk = {"img_size": size, "patch_size": patch, "embed_dim": width, "depth": int(vision["layers"]),
-             "num_heads": width // head_width, "mlp_ratio": float(vision["mlp_ratio"])}
-    mlp = f"{trunk['mlp_ratio']:g}".replace(".", "_")
-    trunk_name = (f"vistok_siglip_p{patch}_w{width}_d{trunk['depth']}_h{trunk['num_heads']}_m{mlp}_{size}")
-    clip_config = {
+    heads, layers = width // head_width, int(vision["layers"])
+    clip_config = {  # SiglipTower's explicit geometry: TokLIP's trunk has no timm entrypoint outside TokLIP
         "embed_dim": int(config["embed_dim"]),
         "init_logit_bias": config.get("init_logit_bias", -10),
-        "vision_cfg": {"image_size": size, "timm_model_name": trunk_name, "timm_model_pretrained": False,
-                       "timm_pool": vision.get("timm_pool", "map"), "timm_proj": vision.get("timm_proj", "none"),
-                       "timm_model_kwargs": trunk},
+        "vision_cfg": {"image_size": size, "patch_size": patch, "width": width, "layers": layers, "heads": heads,
+                       "mlp_dim": int(width * float(vision["mlp_ratio"])), "act": "gelu_tanh", "norm_eps": 1e-6,
+                       "pool": "map"},
         "text_cfg": {k: v for k, v in text.items() if k not in ("hf_tokenizer_name", "tokenizer_kwargs")},
     }
     args = {"clip_model": None, "clip_config": clip_config, "vq": vq, "mlp_hidden": 4 * width,

@@ -20,10 +20,12 @@ def _norm(channels: int, groups: int) -> nn.GroupNorm:
 
 
 class ResnetBlock(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, *, groups: int, dropout: float = 0.0):
+    def __init__(self, in_channels: int, out_channels: int, *, groups: int, dropout: float = 0.0,
+                 first_kernel: int = 3):
         super().__init__()
         self.norm1 = _norm(in_channels, groups)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        # first_kernel=1: DualToken's PostQuantResnetBlock (a 1x1 conv1 on the wide tower features)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, first_kernel, padding=first_kernel // 2)
         self.norm2 = _norm(out_channels, groups)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)

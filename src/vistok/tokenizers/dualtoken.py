@@ -15,6 +15,7 @@ layer through one codebook ("semantic" ids feed the decoder too).
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -51,9 +52,11 @@ class DualTokenForward:
 class DualTokenTokenizer(VisualTokenizer):
     """Keyword-only; defaults are the official SigLIP-SO400M/14-384 configuration.
 
-    clip_model / clip_config: the open_clip SigLIP architecture (a bundled config name, updated by
-    clip_config); siglip_weights: an open_clip weights file to initialise tower and teacher from
-    (read once at construction; not recorded in saved configs); with_text / text_tokenizer: keep the
+    clip_model / clip_config: the SigLIP architecture (a bundled open_clip config name, updated by
+    clip_config; or clip_model=None and an explicit-geometry clip_config, e.g.
+    `siglip_hf.clip_config_from_hf(config.json)` of an HF SigLIP / SigLIP2 folder); siglip_weights: an
+    open_clip weights file or an HF SigLIP / SigLIP2 folder (of the same geometry) to initialise tower
+    and teacher from (read once at construction; not recorded in saved configs); with_text / text_tokenizer: keep the
     text tower for zero-shot (frozen, as in the official recipe); pixel_layer / semantic_layer /
     shortcut_layer (None: the paper's variant without the layer-4 mix) / shortcut_weight: 1-based
     layers; code_dim, codebook_size, pixel_depth, semantic_depth, decay, shared_codebook, restart:
@@ -136,7 +139,8 @@ class DualTokenTokenizer(VisualTokenizer):
         dec = {**DEFAULT_DECODER, **(decoder or {})}
         self.decoder_latent_size = decoder_latent_size or self.siglip.grid[0]
         resolution = self.decoder_latent_size * 2 ** (len(dec["ch_mult"]) - 1)
-        self.post_quant = ResnetBlock(width, dec["in_channels"], groups=dec["groups"], dropout=dec["dropout"])
+        self.post_quant = ResnetBlock(width, dec["in_channels"], groups=dec["groups"], dropout=dec["dropout"],
+                                      first_kernel=1)
         self.decoder = Decoder(z_channels=dec["in_channels"], ch=dec["ch"], ch_mult=tuple(dec["ch_mult"]),
                                num_res_blocks=dec["num_res_blocks"], out_channels=3, groups=dec["groups"],
                                attn_levels=attn_levels_for(resolution, dec["ch_mult"], dec["attn_resolutions"]),
@@ -345,10 +349,20 @@ class DualTokenTokenizer(VisualTokenizer):
 
 
 def load_siglip_weights(tower: SiglipTower, path: str) -> None:
-    """An open_clip SigLIP weights file (safetensors or torch pickle, `state_dict` / `module.` unwrapped)
-    into the tower, strictly; without a text tower the text keys are skipped."""
+    """SigLIP weights into the tower, strictly: an open_clip weights file (safetensors or torch pickle,
+    `state_dict` / `module.` unwrapped), or an HF transformers SigLIP / SigLIP2 folder (config.json +
+    model.safetensors), whose geometry must be the one the tower was built with (build with
+    `siglip_hf.siglip_init_args(folder)`, as `vistok convert siglip` does). Without a text tower the
+    text keys are skipped."""
     from ..convert.checkpoint_io import read_checkpoint, strip_prefixes, unwrap_state_dict
+    from .siglip_hf import is_hf_siglip_folder, load_hf_siglip_folder_into
 
+    if is_hf_siglip_folder(path):
+        load_hf_siglip_folder_into(tower, path)
+        return
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a directory but not an HF SigLIP folder (config.json with model_type siglip "
+                         "or siglip2): give an open_clip weights file or an HF SigLIP / SigLIP2 folder")
     state = strip_prefixes(unwrap_state_dict(read_checkpoint(path)), ["module."])
     if not hasattr(tower, "text"):
         state = {k: v for k, v in state.items() if not k.startswith(("text.", "logit_scale", "logit_bias"))}

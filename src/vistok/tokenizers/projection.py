@@ -1,10 +1,13 @@
-"""Attention projection between a tower's width and a small code dimension (UniTok-style, DualToken).
+"""Attention projection between a tower's width and a small code dimension (DualToken's
+`AttnProjection`, songweii/DualToken modeling_rqvaesiglip.py; UniTok-style).
 
-Down (width -> code dim): `y = Linear(LN(x)) + Attn(LN(x))`, where q/k/v keep the wide dimension
+Down (width -> code dim): `y = Linear(LN3(x)) + Attn(LN1(x))`, where q/k/v keep the wide dimension
 split into `width / code_dim` heads of `code_dim` channels and the heads are averaged; then
-`y + GeGLU(LN(y))`. Up (code dim -> width): the same with q/k/v projected up and the heads
-concatenated. The key projection has no bias. `causal=True` attends in raster order (DualToken's
-post-quantisation projections), so a token's feature depends only on the codes before it.
+`y + GeGLU(LN2(y))`, the GeGLU MLP opening with its own LayerNorm (eps 1e-6). Up (code dim ->
+width): the same with q/k/v projected up and the heads concatenated. The key projection has no
+bias. `causal=True` attends in raster order (DualToken's post-quantisation projections), so a
+token's feature depends only on the codes before it. The linear path, the attention path and the
+MLP each have their own LayerNorm (eps 1e-5), exactly as the official module.
 """
 
 from __future__ import annotations
@@ -15,9 +18,11 @@ from torch import nn
 
 
 class GeGluMlp(nn.Module):
+    """LN (eps 1e-6) -> tanh-GELU(gate) * value -> out; the official `GeGluMlp` (w0, w1, w2)."""
+
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.norm = nn.LayerNorm(dim)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.gate = nn.Linear(dim, hidden)
         self.value = nn.Linear(dim, hidden)
         self.out = nn.Linear(hidden, dim)
@@ -54,15 +59,16 @@ class AttentionProjection(nn.Module):
 
     def __init__(self, *, in_dim: int, out_dim: int, causal: bool = False, mlp_ratio: float = 2.0):
         super().__init__()
-        self.norm = nn.LayerNorm(in_dim)
-        self.linear = nn.Linear(in_dim, out_dim)
+        self.attn_norm = nn.LayerNorm(in_dim)  # official norm1
         self.attn = ProjectionAttention(in_dim, out_dim, causal=causal)
+        self.linear_norm = nn.LayerNorm(in_dim)  # official norm3
+        self.linear = nn.Linear(in_dim, out_dim)  # official proj
+        self.mlp_norm = nn.LayerNorm(out_dim)  # official norm2
         self.mlp = GeGluMlp(out_dim, int(out_dim * mlp_ratio))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.norm(x)
-        y = self.linear(h) + self.attn(h)
-        return y + self.mlp(y)
+        y = self.linear(self.linear_norm(x)) + self.attn(self.attn_norm(x))
+        return y + self.mlp(self.mlp_norm(y))
 
 
 def make_projection(kind: str, *, in_dim: int, out_dim: int, causal: bool = False) -> nn.Module:

@@ -6,7 +6,14 @@ What DualToken's code does (RQ-VAE lineage, reference/dualtoken.md section 2.4),
 - codebooks are not learned by gradient: EMA of per-code counts and sums (decay 0.99, Laplace
   smoothing), all-reduced across DDP ranks inside the training forward; counts start at 0;
 - dead-code restart: DualToken's rule (EMA count below a threshold) or a literal "unused for
-  N steps" rule), replacement vectors drawn from the current batch on rank 0 and broadcast, EMA state reset;
+  N steps" rule; as the official VQEmbedding: one candidate per code drawn on rank 0 from the batch
+  (tiled and jittered when it has fewer vectors than codes) and broadcast, dead code i takes
+  candidate i, then the codebook is the smoothed EMA over the post-restart counts;
+- per-depth schedule (the official pixel "rq"): each depth looks its code up, then rewrites the
+  shared codebook; the next depth searches the rewritten one;
+- the one deliberate difference from the official code: the per-step schedule ("rq_ema") feeds the
+  EMA each depth's own residual, where the official cache holds views of one buffer that all end
+  up equal to the final residual;
 - commitment loss: DualToken's cumulative form or the per-depth form;
 - quantization in fp32 under autocast, buffers that stay fp32.
 
@@ -85,7 +92,7 @@ class ResidualQuantizer(nn.Module):
     steps, a literal reading of "dead codes") or "none"; commitment: "cumulative" (DualToken: mean over depths of
     MSE(z, sg(prefix sum))) or "per_depth" (the library's: each depth's input vs its code, summed);
     ema_schedule: "per_step" (one EMA update per forward from all depths, DualToken's "rq_ema") or
-    "per_depth" (update after each depth, DualToken's pixel "rq"); initial_cluster_size: EMA counts at
+    "per_depth" (each depth looks up its code, then updates the codebook: DualToken's pixel "rq"); initial_cluster_size: EMA counts at
     the start (None: 0 as DualToken with the "ema" rule, else 1); sync_codebook: None decides at
     every call (not cached) whether to all-reduce across ranks.
 
@@ -196,10 +203,10 @@ class ResidualQuantizer(nn.Module):
                     self._kmeans_init(self.book_of(d), residual)  # each codebook on its own depth's residual
                 book = self.embed[self.book_of(d)]
                 idx = nearest_code(residual, book, self.search_chunk_size)
+                code = book[idx]  # looked up before this depth rewrites the codebook (the official order)
                 inputs.append(residual)
                 if update and self.ema_schedule == "per_depth":
                     self._update([(d, residual, idx)])
-                code = self.embed[self.book_of(d)][idx]  # per_depth: the codebook just updated
                 residual = residual - code
                 ids.append(idx)
                 codes.append(code)
@@ -234,7 +241,8 @@ class ResidualQuantizer(nn.Module):
 
     @torch.no_grad()
     def _update(self, batches: list[tuple[int, torch.Tensor, torch.Tensor]]) -> None:
-        """EMA of counts and sums per codebook from (depth, inputs, ids), then the restart rule."""
+        """EMA of counts and sums per codebook from (depth, inputs, ids), the restart rule, then the
+        codebook as the smoothed EMA (the official VQEmbedding._update_buffers + _update_embedding)."""
         books = sorted({self.book_of(d) for d, _, _ in batches})
         k, c = self.codebook_size, self.codebook_dim
         counts = torch.zeros(len(books), k, device=self.embed.device)
@@ -249,11 +257,12 @@ class ResidualQuantizer(nn.Module):
         for j, b in enumerate(books):
             self.cluster_size[b].lerp_(counts[j], 1 - self.decay)
             self.embed_avg[b].lerp_(sums[j], 1 - self.decay)
+            self._hit[b] |= counts[j] > 0
+            self._restart(b, torch.cat(pools[b]))
+            # Laplace smoothing over the post-restart counts, as VQEmbedding._update_embedding
             n = self.cluster_size[b].sum()
             smoothed = (self.cluster_size[b] + self.eps) / (n + k * self.eps) * n
             self.embed[b].copy_(self.embed_avg[b] / smoothed[:, None])
-            self._hit[b] |= counts[j] > 0
-            self._restart(b, torch.cat(pools[b]))
 
     def dead_mask(self, book: int) -> torch.Tensor:
         if self.restart == "ema":
@@ -266,22 +275,30 @@ class ResidualQuantizer(nn.Module):
         dead = self.dead_mask(book)
         n_dead = int(dead.sum())
         self.dead_last[book] = n_dead
-        if n_dead == 0 or self.restart == "none":
+        if self.restart == "none":
             return
-        # rank 0 draws from its batch and broadcasts, so every rank replaces the same codes identically
-        if pool.shape[0] >= n_dead:
-            picks = pool[torch.randperm(pool.shape[0], device=pool.device)[:n_dead]]
-        else:  # DualToken: tile the batch and jitter it
-            picks = pool[torch.randint(0, pool.shape[0], (n_dead,), device=pool.device)]
-            picks = picks + torch.rand_like(picks) * 0.01 / math.sqrt(self.codebook_dim)
-        picks = self._broadcast(picks.contiguous())
+        # drawn at every update, as the official code does (so a seeded run follows its random
+        # stream); rank 0's draw is broadcast, so every rank replaces the same codes identically
+        draws = self._broadcast(self._draw(pool).contiguous())
+        if n_dead == 0:
+            return
+        picks = draws[dead]  # dead code i takes draw i
         reset = self.restart_threshold if self.restart == "ema" else 1.0
-        self.embed[book][dead] = picks
         self.embed_avg[book][dead] = picks * reset
         self.cluster_size[book][dead] = reset
         self._hit[book] |= dead  # a replaced code starts its unused count afresh
         self.restarts_last += n_dead
         self.restarts_total += n_dead
+
+    def _draw(self, pool: torch.Tensor) -> torch.Tensor:
+        """One candidate per code (codebook_size, dim), as VQEmbedding._update_buffers: a batch with
+        fewer vectors than codes is tiled and every copy jittered by U(0, 0.01 / sqrt(dim)), then
+        the first codebook_size rows of a random permutation (without replacement)."""
+        k = self.codebook_size
+        if pool.shape[0] < k:
+            pool = pool.repeat(-(-k // pool.shape[0]), 1)
+            pool = pool + torch.rand_like(pool) * (0.01 / math.sqrt(self.codebook_dim))
+        return pool[torch.randperm(pool.shape[0], device=pool.device)[:k]]
 
     @torch.no_grad()
     def _start_step(self) -> None:

@@ -41,16 +41,24 @@ def get_preset(name: str) -> dict:
     return json.loads(json.dumps(presets[name]))
 
 
-def _merge(base: dict, overrides: dict) -> dict:
+# whole architecture descriptions: an override replaces the preset's (an HF SigLIP geometry merged into
+# an open_clip one would build neither); a partial update of a named open_clip model still works through
+# clip_model + clip_config (see siglip.clip_model_config)
+REPLACED_WHOLE = ("clip_config",)
+
+
+def _merge(base: dict, overrides: dict, top: bool = True) -> dict:
     out = dict(base)
     for k, v in overrides.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        merge = isinstance(v, dict) and isinstance(out.get(k), dict) and not (top and k in REPLACED_WHOLE)
+        out[k] = _merge(out[k], v, top=False) if merge else v
     return out
 
 
 def create_tokenizer(name: str, **overrides) -> VisualTokenizer:
     """Build a preset with freshly initialised weights (never downloads). Keyword overrides replace
-    constructor arguments; a `preprocess` dict is merged into the preset's."""
+    constructor arguments; dicts (`preprocess`, `decoder`) are merged into the preset's, except
+    `clip_config`, which replaces it whole."""
     preset = get_preset(name)
     cls = tokenizer_class(preset["class"])
     try:

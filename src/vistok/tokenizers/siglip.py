@@ -3,7 +3,9 @@
 `SiglipTower` holds an open_clip `CustomTextCLIP`'s parts under open_clip's own names (`visual.trunk.*`,
 `text.*`, `logit_scale`, `logit_bias`), so an open_clip SigLIP weights file loads into it strictly.
 Building never downloads: the architecture comes from open_clip's bundled JSON configs (or a config
-dict), with timm's `pretrained=False`.
+dict), with timm's `pretrained=False`, or from an explicit geometry (`vision_cfg` with image_size,
+patch_size, width, layers, heads, mlp_dim, act, norm_eps instead of a timm model name: what
+`siglip_hf.clip_config_from_hf` makes of an HF transformers SigLIP config.json), under the same names.
 
 Layers are counted from 1 as in the DualToken paper: "layer k" is the output of `trunk.blocks[k-1]`.
 """
@@ -12,12 +14,15 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import os
 from typing import Optional, Sequence
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from .siglip_hf import tokenizer_hint
 
 TINY_TRUNK = "vit_tiny_patch8_siglip_64_vistok"
 
@@ -47,40 +52,6 @@ def register_tiny_trunk() -> None:
     register_model(vit_tiny_patch8_siglip_64_vistok)
 
 
-SIGLIP_TRUNK_DEFAULTS = {"class_token": False, "global_pool": "map", "act_layer": "gelu_tanh"}
-
-
-def register_siglip_trunk(name: str, kwargs: dict) -> None:
-    """Register a SigLIP-style timm ViT (no class token, MAP pool, tanh GELU, LayerNorm eps 1e-6:
-    timm's default) of the geometry in `kwargs` (img_size, patch_size, embed_dim, depth, num_heads,
-    mlp_ratio) under `name`, for configs whose trunk has no timm entrypoint (e.g. a TokLIP model
-    config of its own size). Registering the same name twice with other arguments is a ValueError."""
-    from timm.models import register_model
-    from timm.models._registry import _model_entrypoints
-    from timm.models.vision_transformer import _create_vision_transformer
-
-    args = {**SIGLIP_TRUNK_DEFAULTS, **kwargs}
-    known = _model_entrypoints.get(name)
-    if known is not None:
-        if getattr(known, "vistok_args", None) != args:
-            raise ValueError(f"timm model {name!r} already exists with other arguments; rename the trunk")
-        return
-
-    def entrypoint(pretrained: bool = False, **kw):
-        builder = logging.getLogger("timm.models._builder")
-        level = builder.level
-        builder.setLevel(logging.ERROR)  # "No pretrained configuration specified": expected, it has none
-        try:
-            return _create_vision_transformer(name, pretrained=pretrained, **{**args, **kw})
-        finally:
-            builder.setLevel(level)
-
-    entrypoint.__name__ = entrypoint.__qualname__ = name
-    entrypoint.__module__ = __name__
-    entrypoint.vistok_args = args
-    register_model(entrypoint)
-
-
 # open_clip-style config of the tiny tower (SimpleTokenizer vocabulary: fully offline text)
 TINY_CLIP_CONFIG = {
     "embed_dim": 64,
@@ -105,13 +76,61 @@ def clip_model_config(clip_model: Optional[str], clip_config: Optional[dict]) ->
         cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) and isinstance(cfg.get(key), dict) else value
     if not cfg:
         raise ValueError("give clip_model (an open_clip model name) or clip_config")
-    if "timm_model_name" not in cfg.get("vision_cfg", {}):
-        raise ValueError("the SigLIP tower must be a timm trunk (vision_cfg.timm_model_name)")
+    vision = cfg.get("vision_cfg", {})
+    if "timm_model_name" not in vision and not EXPLICIT_VISION_KEYS <= set(vision):
+        missing = sorted(EXPLICIT_VISION_KEYS - set(vision))
+        raise ValueError("the SigLIP tower needs vision_cfg.timm_model_name (a timm trunk) or an explicit geometry "
+                         f"(vision_cfg lacks {missing}; see vistok.tokenizers.siglip_hf.clip_config_from_hf)")
     return cfg
 
 
+# vision_cfg keys of an explicit geometry (built as a timm VisionTransformer without a registered name)
+EXPLICIT_VISION_KEYS = {"image_size", "patch_size", "width", "layers", "heads", "mlp_dim", "act", "norm_eps"}
+
+
+class ExplicitVisual(nn.Module):
+    """open_clip `TimmModel`'s layout (`trunk`, empty `head`) for a SigLIP ViT of any geometry.
+    open_clip's TimmModel passes no architecture arguments to timm, so the trunk is built here."""
+
+    def __init__(self, *, image_size: int, patch_size: int, width: int, layers: int, heads: int, mlp_dim: int,
+                 act: str, norm_eps: float, pool: str = "map", **_):
+        super().__init__()
+        from functools import partial
+
+        from timm.models.vision_transformer import VisionTransformer
+
+        if pool != "map":
+            raise ValueError(f"vision_cfg.pool={pool!r} is not supported (SigLIP's attention pool: 'map')")
+        self.trunk = VisionTransformer(
+            img_size=image_size, patch_size=patch_size, embed_dim=width, depth=layers, num_heads=heads,
+            mlp_ratio=exact_ratio(mlp_dim, width), class_token=False, global_pool="map", num_classes=0,
+            act_layer=act, norm_layer=partial(nn.LayerNorm, eps=norm_eps))
+        self.head = nn.Sequential()
+        self.image_size = (image_size, image_size)
+
+
+def exact_ratio(hidden: int, width: int) -> float:
+    """An mlp_ratio with int(width * ratio) == hidden (timm and open_clip size MLPs that way)."""
+    return (hidden + 0.5) / width
+
+
+def explicit_text_tower(embed_dim: int, text_cfg: dict) -> nn.Module:
+    """open_clip's TextTransformer from a text_cfg whose `mlp_dim` gives the exact MLP width."""
+    from open_clip.model import _build_text_tower
+
+    cfg = dict(text_cfg)
+    if "mlp_dim" in cfg:
+        cfg["mlp_ratio"] = exact_ratio(cfg.pop("mlp_dim"), cfg["width"])
+    return _build_text_tower(embed_dim, cfg)
+
+
 class SiglipTower(nn.Module):
-    """An open_clip SigLIP model's vision tower (and optionally its text tower), tap-friendly."""
+    """An open_clip SigLIP model's vision tower (and optionally its text tower), tap-friendly.
+
+    clip_model: an open_clip model name; clip_config: an open_clip config dict updating it, or a
+    whole explicit-geometry config (see the module docstring); with_text: build the text tower and
+    logit scalars; text_tokenizer: see `build_text_tokenizer`. ValueError for a config it cannot build.
+    """
 
     def __init__(self, *, clip_model: Optional[str] = None, clip_config: Optional[dict] = None,
                  with_text: bool = True, text_tokenizer: Optional[str] = None):
@@ -120,19 +139,24 @@ class SiglipTower(nn.Module):
 
         register_tiny_trunk()
         cfg = clip_model_config(clip_model, clip_config)
-        vision = dict(cfg["vision_cfg"])
-        trunk_kwargs = vision.pop("timm_model_kwargs", None)  # vistok's: a trunk timm has no name for
-        if trunk_kwargs is not None:
-            register_siglip_trunk(vision["timm_model_name"], trunk_kwargs)
-        args = {k: v for k, v in cfg.items() if k not in ("custom_text",)}
-        args["vision_cfg"] = vision
-        clip = open_clip.CustomTextCLIP(**args)
-        self.visual = clip.visual
-        if with_text:
-            self.text = clip.text
-            self.logit_scale = clip.logit_scale
-            self.logit_bias = clip.logit_bias
-        self.context_length = int(cfg["text_cfg"].get("context_length", 77))
+        self.clip_config = cfg
+        if "timm_model_name" in cfg["vision_cfg"]:
+            args = {k: v for k, v in cfg.items() if k not in ("custom_text",)}
+            clip = open_clip.CustomTextCLIP(**args)
+            self.visual = clip.visual
+            if with_text:
+                self.text, self.logit_scale, self.logit_bias = clip.text, clip.logit_scale, clip.logit_bias
+        else:
+            self.visual = ExplicitVisual(**cfg["vision_cfg"])
+            if with_text:
+                if "text_cfg" not in cfg:
+                    raise ValueError("this SigLIP config has no text tower (a vision-only model): build with "
+                                     "with_text=False")
+                self.text = explicit_text_tower(cfg["embed_dim"], cfg["text_cfg"])
+                self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))  # SigLIP's init (t' = log 10)
+                self.logit_bias = nn.Parameter(torch.tensor(float(cfg.get("init_logit_bias", -10.0))))
+        self.context_length = int(cfg.get("text_cfg", {}).get("context_length", 77))
+        self.tokenizer_hint = tokenizer_hint(cfg)
         self.text_tokenizer = text_tokenizer
         self._tokenizer = None
         self.grad_checkpointing = False
@@ -177,7 +201,7 @@ class SiglipTower(nn.Module):
     # ------------------------------------------------------------------ text
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
         if self._tokenizer is None:
-            self._tokenizer = build_text_tokenizer(self.text_tokenizer, self.context_length)
+            self._tokenizer = build_text_tokenizer(self.text_tokenizer, self.context_length, hint=self.tokenizer_hint)
         return self._tokenizer(list(texts))
 
     def encode_text(self, texts: Sequence[str] | torch.Tensor, *, normalize: bool = True) -> torch.Tensor:
@@ -211,9 +235,11 @@ def pool(visual: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return visual.head(trunk.forward_head(trunk.norm(x)))
 
 
-def build_text_tokenizer(spec: Optional[str], context_length: int):
+def build_text_tokenizer(spec: Optional[str], context_length: int, *, hint: Optional[str] = None):
     """`simple`: open_clip's bundled CLIP BPE (offline); a local directory: a Hugging Face tokenizer
-    saved there (SigLIP's, with open_clip's canonicalize cleaning); `hf:NAME`: from the HF cache."""
+    saved there (SigLIP's SentencePiece or SigLIP2's Gemma tokenizer, e.g. the HF SigLIP folder
+    itself, with open_clip's canonicalize cleaning); `hf:NAME`: from the HF cache. `hint` names the
+    tokenizer the text tower needs (in the error raised when none is configured)."""
     from open_clip.tokenizer import HFTokenizer, SimpleTokenizer
 
     if spec == "simple":
@@ -230,7 +256,9 @@ def build_text_tokenizer(spec: Optional[str], context_length: int):
         return HFTokenizer(spec, context_length=context_length, clean="canonicalize")
     if spec:
         raise FileNotFoundError(f"text tokenizer {spec!r} is neither 'simple', 'hf:NAME' nor a local directory")
-    raise ValueError("no text tokenizer configured: SigLIP's tokenizer files cannot be downloaded here; set "
-                     "text_tokenizer to a local directory holding them (the tokenizer named by the open_clip "
-                     "config's text_cfg.hf_tokenizer_name, saved with save_pretrained), 'hf:NAME' with a filled "
-                     "Hugging Face cache, or pass token ids to encode_text")
+    which = (f"this text tower needs {hint}" if hint else
+             "this text tower needs the tokenizer named by the open_clip config's text_cfg.hf_tokenizer_name")
+    raise ValueError(f"no text tokenizer configured ({which}); its files cannot be downloaded here: set "
+                     "text_tokenizer to a local directory holding them (the HF SigLIP folder's tokenizer files, or "
+                     "any tokenizer saved with save_pretrained), 'hf:NAME' with a filled Hugging Face cache, or pass "
+                     "token ids to encode_text")

@@ -96,8 +96,9 @@ class DualTokenObjective(ReconstructionObjective):
         siglip = cfg.model.init or cfg.model.overrides.get("siglip_weights")
         if not siglip and not cfg.model.preset.startswith("tiny-"):
             raise ValueError(f"DualToken on {cfg.model.preset} starts from real SigLIP weights: set model.init to a "
-                             "`vistok convert siglip` directory (or model.overrides.siglip_weights to an open_clip "
-                             "weights file); a random tower would be distilled from a random teacher")
+                             "`vistok convert siglip` directory or an HF SigLIP / SigLIP2 folder (or "
+                             "model.overrides.siglip_weights to an open_clip weights file); a random tower would be "
+                             "distilled from a random teacher")
 
 
 class KLObjective(ReconstructionObjective):

@@ -70,11 +70,18 @@ def build_model(cfg: RunConfig, overrides: Optional[dict] = None, *, load_init: 
 
     from ..tokenizers.base import load_state_dict_strict, read_release, tokenizer_class
     from ..tokenizers.registry import create_tokenizer
+    from ..tokenizers.siglip_hf import is_hf_siglip_folder, siglip_init_args
 
     args = {**cfg.model.overrides, **(overrides or {})}
     if cfg.train.grad_checkpointing:
         args["grad_checkpointing"] = True
-    if not cfg.model.init:
+    # an HF SigLIP / SigLIP2 folder (model.init, or siglip_weights on a preset) brings its own tower geometry
+    init_is_hf = bool(cfg.model.init) and is_hf_siglip_folder(cfg.model.init)
+    hf_folder = cfg.model.init if init_is_hf else None if cfg.model.init else cfg.model.overrides.get("siglip_weights")
+    if hf_folder and is_hf_siglip_folder(hf_folder) and "clip_config" not in cfg.model.overrides:
+        size = (args.get("preprocess") or {}).get("image_size")  # NaFlex SigLIP2 is built at this size
+        args = {**siglip_init_args(hf_folder, image_size=size, preset=cfg.model.preset), **args}
+    if not cfg.model.init or init_is_hf:
         return create_tokenizer(cfg.model.preset, **args)
     config, weights = read_release(Path(cfg.model.init))
     try:
