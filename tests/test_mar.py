@@ -371,3 +371,53 @@ def test_sampling_rejects_bad_arguments(tiny):
         tiny.sample(None)
     with pytest.raises(ValueError, match="cfg_schedule"):
         tiny.sample([1], cfg_schedule="cosine")
+
+
+# ------------------------------------------------------------------------------- CLI
+def test_cli_sample_writes_reproducible_pngs(tmp_path):
+    from click.testing import CliRunner
+
+    from vistok.cli import main
+
+    torch.manual_seed(0)
+    vistok.create_tokenizer("tiny-mar").save_pretrained(tmp_path / "m")
+    args = ["sample", str(tmp_path / "m"), "--class-label", "3", "--class-label", "5", "--num-iter", "2",
+            "--num-sampling-steps", "2", "--cfg", "2.0", "--seed", "7", "--json"]
+    runner = CliRunner()
+    first = runner.invoke(main, args + ["--out-dir", str(tmp_path / "a")])
+    second = runner.invoke(main, args + ["--out-dir", str(tmp_path / "b")])
+    assert first.exit_code == 0 and second.exit_code == 0, first.output
+    names = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert names == ["00000_class3.png", "00001_class5.png"]
+    assert all((tmp_path / "a" / n).read_bytes() == (tmp_path / "b" / n).read_bytes() for n in names)
+    bad = runner.invoke(main, ["sample", str(tmp_path / "m"), "--class-label", "10", "--out-dir", str(tmp_path / "c")])
+    assert bad.exit_code == 1 and "class labels must be in [0, 10)" in bad.output
+
+
+def test_cli_convert_options_are_checked(tmp_path):
+    from click.testing import CliRunner
+
+    from vistok.cli import main
+
+    runner = CliRunner()
+    res = runner.invoke(main, ["convert", "harmon", str(HARMON_PTH), str(tmp_path / "h"), "--no-ema"])
+    assert res.exit_code == 1 and "--ema/--no-ema applies to MAR training checkpoints" in res.output
+    res = runner.invoke(main, ["convert", "mar-kl16", str(MAR_CKPT), str(tmp_path / "k"), "--num-heads", "4"])
+    assert res.exit_code == 1 and "--num-heads applies to mar/harmon" in res.output
+    res = runner.invoke(main, ["convert", "mar", str(MAR_CKPT), str(tmp_path / "m")])
+    assert res.exit_code == 1 and "pass --num-heads" in res.output
+
+
+@pytest.mark.slow
+def test_cli_convert_mar_with_the_full_kl16_vae(tmp_path):
+    from click.testing import CliRunner
+
+    from vistok.cli import main
+
+    res = CliRunner().invoke(main, ["convert", "mar", str(MAR_CKPT), str(tmp_path / "m"), "--num-heads", "4", "--json"])
+    assert res.exit_code == 0, res.output
+    tok = vistok.load_tokenizer(tmp_path / "m")
+    assert tok.stride == 16 and tok.vae.num_parameters() == 66_456_019  # MAR KL-16's size (reference sheet)
+    ref = load_file(str(MAR_DIR / "mar_tiny_outputs.safetensors"))
+    with torch.no_grad():
+        assert rel_err(tok.encode_latents(ref["latents"]).features, ref["enc_fake"]) <= TOL
