@@ -293,7 +293,16 @@ class MARTokenizer(VisualTokenizer):
                num_iter: int = 64, cfg: float = 1.0, cfg_schedule: str = "linear", temperature: float = 1.0,
                grid: Optional[tuple[int, int]] = None, num_sampling_steps: Optional[int] = None,
                generator: Optional[torch.Generator] = None, progress: bool = False) -> MARSampleOutput:
-        """MAR's iterative masked generation (`sample_tokens`): see `vistok.tokenizers.mar_sampling`."""
+        """MAR's iterative masked generation (LTH14/mar `MAR.sample_tokens`, cosine mask schedule, random
+        order per image, this model's diffusion head), then the KL-16 decoder.
+
+        class_labels: (B,) ints in [0, class_num), or None with `num_images` for unconditional samples;
+        num_iter: 1..h*w steps; cfg: guidance scale (1 = none), `cfg_schedule` "linear" (MAR's) or
+        "constant"; temperature > 0 scales the head's per-step noise; grid: token grid (default the
+        training grid); num_sampling_steps: the head's DDPM steps (default its config);
+        generator: reproducible orders and noise. Returns `MARSampleOutput` with `images`
+        (B, 3, H, W) in [-1, 1] and scaled `latents` (B, C, h, w). Raises ValueError on bad arguments.
+        """
         from .mar_sampling import sample_latents
 
         latents = sample_latents(self, class_labels, num_images=num_images, num_iter=num_iter, cfg=cfg,
