@@ -142,9 +142,12 @@ def test_sizes_from_official_layouts(name, width, heads):
     assert got["encoder_num_heads"] == got["decoder_num_heads"] == heads
     assert (got["encoder_embed_dim"], got["encoder_depth"], got["decoder_depth"]) == (width, depth, depth)
     assert (got["img_size"], got["buffer_size"], got["class_num"]) == (256, 64, 1000)
-    # args.model names the factory: its head count wins over the width rule; --num-heads over both
-    assert mar_args_from_state_dict(sd, args=argparse.Namespace(model="mar_huge"))["encoder_num_heads"] == (
-        16 if width == 1280 else heads)
+    # args.model names the factory (and must agree with the weights); --num-heads overrides the head count
+    factory = {768: "mar_base", 1024: "mar_large", 1280: "mar_huge"}[width]
+    assert mar_args_from_state_dict(sd, args=argparse.Namespace(model=factory))["encoder_num_heads"] == heads
+    other = "mar_base" if width != 768 else "mar_huge"
+    with pytest.raises(ValueError, match=f"args.model is '{other}'"):
+        mar_args_from_state_dict(sd, args=argparse.Namespace(model=other))
     assert mar_args_from_state_dict(sd, num_heads=8)["encoder_num_heads"] == 8
 
 

@@ -68,9 +68,13 @@ def mar_args_from_state_dict(sd: dict[str, torch.Tensor], *, num_heads: Optional
         raise ValueError(f"{source}: {seq_len} positions are not a square grid")
     patch = int(getattr(args, "patch_size", 1) or 1)
     model_name = getattr(args, "model", None)
+    depth = _count(sd, "encoder_blocks.")
+    if model_name in OFFICIAL_SIZES and OFFICIAL_SIZES[model_name][:2] != (width, depth):
+        raise ValueError(f"{source}: args.model is {model_name!r} ({OFFICIAL_SIZES[model_name][0]} wide, "
+                         f"{OFFICIAL_SIZES[model_name][1]} blocks) but the weights are {width} wide with {depth} blocks")
     return dict(
         img_size=side * 16 * patch, patch_size=patch,
-        encoder_embed_dim=width, encoder_depth=_count(sd, "encoder_blocks."),
+        encoder_embed_dim=width, encoder_depth=depth,
         encoder_num_heads=_heads(width, num_heads, model_name, source),
         decoder_embed_dim=dec_width, decoder_depth=_count(sd, "decoder_blocks."),
         decoder_num_heads=_heads(dec_width, num_heads, model_name, source),
