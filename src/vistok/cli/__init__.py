@@ -31,8 +31,8 @@ def main():
     """vistok: train, convert, run and benchmark visual tokenizers for multimodal LLMs."""
 
 
-from . import bench, codec, models, train  # noqa: E402,F401  (registers commands)
+from . import bench, codec, generate, models, train  # noqa: E402,F401  (registers commands)
 
-for _module in (models, codec, train, bench):
+for _module in (models, codec, generate, train, bench):
     for _cmd in _module.COMMANDS:
         main.add_command(_cmd)

@@ -53,8 +53,8 @@ def info_cmd(model, as_json):
 
 
 @click.command("convert")
-@click.argument("kind", type=click.Choice(["mar-kl16", "llamagen-vq16", "siglip", "toklip", "dualtoken"]),
-                metavar="KIND")
+@click.argument("kind", type=click.Choice(["mar-kl16", "llamagen-vq16", "siglip", "toklip", "dualtoken", "mar",
+                                         "harmon"]), metavar="KIND")
 @click.argument("src", type=click.Path())
 @click.argument("dst", type=click.Path(file_okay=False))
 @click.option("--preset", default=None,
@@ -68,8 +68,13 @@ def info_cmd(model, as_json):
                    "which builds the matching architecture when no preset fits")
 @click.option("--pretrained", type=click.Path(exists=True, file_okay=False), default=None,
               help="dualtoken: the HF SigLIP folder (default: the config's pretrained_model)")
+@click.option("--ema/--no-ema", default=None, help="mar: convert model_ema (default, what MAR evaluates) or model")
+@click.option("--num-heads", type=click.IntRange(1), default=None,
+              help="mar/harmon: attention heads (default: from args.model or the official width -> heads)")
+@click.option("--kl16", type=click.Path(dir_okay=False), default=None,
+              help="mar/harmon: MAR's kl16.ckpt, to include the KL-16 VAE (otherwise random)")
 @click.option("--json", "as_json", is_flag=True, help="JSON output")
-def convert_cmd(kind, src, dst, preset, scaling_factor, model_config, pretrained, as_json):
+def convert_cmd(kind, src, dst, preset, scaling_factor, model_config, pretrained, ema, num_heads, kl16, as_json):
     """Convert a released checkpoint SRC into a vistok release directory DST.
 
     \b
@@ -84,6 +89,8 @@ def convert_cmd(kind, src, dst, preset, scaling_factor, model_config, pretrained
     dualtoken  official DualToken epoch_N.pt (songweii/DualToken main.py) with its
                model config (--config, default config.json beside SRC) -> a
                training-ready release (teacher included)
+    mar        MAR checkpoint-*.pth (model_ema by default; size from the shapes)
+    harmon     Harmon harmon_0.5b.pth / harmon_1.5b.pth (the mar.* part; LLM and projectors dropped)
     """
     from ..convert import CONVERTERS
 
@@ -95,6 +102,20 @@ def convert_cmd(kind, src, dst, preset, scaling_factor, model_config, pretrained
     if pretrained is not None and kind != "dualtoken":
         raise ValueError(f"--pretrained applies to dualtoken, not to {kind}")
     extra = {"scaling_factor": scaling_factor} if scaling_factor is not None else {}
+    mar_opts = {"ema": ema, "num_heads": num_heads, "kl16": kl16}
+    if kind in ("mar", "harmon"):
+        if preset is not None:
+            raise ValueError(f"--preset does not apply to {kind}: the size is read from the weights")
+        if kind == "harmon" and ema is not None:
+            raise ValueError("--ema/--no-ema applies to MAR training checkpoints, not to Harmon's single weight set")
+        report = CONVERTERS[kind](src, dst, **{k: v for k, v in mar_opts.items() if v is not None})
+        if not kl16 and "random" in report["vae"]:
+            log("warning: the release has a randomly initialised KL-16 VAE; pass --kl16 kl16.ckpt for MAR's")
+        emit([report], as_json=as_json)
+        return
+    given = [f"--{k.replace('_', '-')}" for k, v in mar_opts.items() if v is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to mar/harmon, not to {kind}")
     if kind == "dualtoken":
         extra = {"config": model_config, "pretrained": pretrained}
     elif model_config is not None:
