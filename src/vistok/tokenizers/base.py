@@ -7,6 +7,7 @@ config alone (no network) and loads the weights strictly.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import json
@@ -162,6 +163,10 @@ class VisualTokenizer(nn.Module):
                 self._config_args = args_
 
         cls.__init__ = recording_init
+        for name, contract in (("encode", _encode_contract), ("decode", _decode_contract), ("embed", _embed_contract)):
+            fn = cls.__dict__.get(name)
+            if fn is not None and not getattr(fn, "_vistok_contract", False):
+                setattr(cls, name, contract(fn))
 
     # ----------------------------------------------------------------------------- config
     @property
@@ -189,6 +194,51 @@ class VisualTokenizer(nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The floating dtype of the model's first floating parameter: what inputs are cast to."""
+        return next((p.dtype for p in self.parameters() if p.is_floating_point()), torch.float32)
+
+    # ----------------------------------------------------------------------------- the input contract
+    def prepare_pixels(self, pixels: Any) -> Any:
+        """Floating pixel tensors are moved to the model's device and cast to its dtype; anything else is
+        left for `validate_pixels` to refuse by name."""
+        if isinstance(pixels, torch.Tensor) and pixels.is_floating_point():
+            return pixels.to(device=self.device, dtype=self.dtype)
+        return pixels
+
+    def prepare_latents(self, latents: Any) -> Any:
+        """Floating latents: refused if NaN/Inf (they would decode to black images), else moved and cast."""
+        if isinstance(latents, torch.Tensor) and latents.is_floating_point():
+            if latents.numel() and not torch.isfinite(latents).all():
+                bad = int((~torch.isfinite(latents)).sum())
+                raise ValueError(f"latents contain NaN or Inf ({bad} of {latents.numel()} values)")
+            return latents.to(device=self.device, dtype=self.dtype)
+        return latents
+
+    def prepare_ids(self, ids: Any) -> Any:
+        """Ids of any integer dtype (uint8 ... int64, tensors, arrays or lists) -> int64 on the model's device,
+        range-checked against each named codebook; bool, float or complex ids raise ValueError."""
+        if not isinstance(ids, dict):
+            return ids
+        books = self.codebooks
+        out = {}
+        for name, value in ids.items():
+            try:
+                x = torch.as_tensor(value)
+            except (TypeError, ValueError, RuntimeError) as exc:
+                raise ValueError(f"ids[{name!r}] is not a tensor of integers: {exc}") from None
+            if x.dtype == torch.bool or x.is_floating_point() or x.is_complex():
+                raise ValueError(f"ids[{name!r}] must be an integer tensor, got {x.dtype} (bool, float and complex "
+                                 "ids are refused: cast integer-valued ids with .long())")
+            x = x.to(device=self.device, dtype=torch.int64)
+            if name in books and x.numel():
+                lo, hi = int(x.min()), int(x.max())
+                if lo < 0 or hi >= books[name].size:
+                    raise ValueError(f"ids[{name!r}] out of range [0, {books[name].size}): min {lo}, max {hi}")
+            out[name] = x
+        return out
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -322,6 +372,73 @@ class VisualTokenizer(nn.Module):
         if not isinstance(tok, cls):
             raise ValueError(f"{path} holds a {type(tok).__name__}, not a {cls.__name__}")
         return tok
+
+
+def _empty_batch(value: Any) -> bool:
+    if isinstance(value, dict):
+        return bool(value) and all(isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == 0 for v in value.values())
+    return isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == 0
+
+
+def _one(value: Any) -> Any:
+    """A batch of one zero item shaped like the (empty) batch `value`."""
+    if isinstance(value, dict):
+        return {k: _one(v) for k, v in value.items()}
+    return value.new_zeros((1, *value.shape[1:]))
+
+
+def _take_none(value: Any) -> Any:
+    """Every tensor in `value` (tensor, dict, dataclass such as an encoding or posterior) cut to batch 0."""
+    if isinstance(value, torch.Tensor):
+        return value[:0]
+    if isinstance(value, dict):
+        return {k: _take_none(v) for k, v in value.items()}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.replace(value, **{f.name: _take_none(getattr(value, f.name))
+                                             for f in dataclasses.fields(value) if f.init})
+    return value
+
+
+def _run_contract(fn, self, value, call):
+    """Run `call(value)`; an empty batch runs as a batch of one zero item whose outputs are cut to 0 rows, so
+    every family handles B = 0 with the right shapes and dtypes (and the same validation)."""
+    if _empty_batch(value):
+        return _take_none(call(_one(value)))
+    return call(value)
+
+
+def _encode_contract(fn):
+    @functools.wraps(fn)
+    def encode(self, pixels, *args, **kwargs):
+        pixels = self.prepare_pixels(pixels)
+        return _run_contract(fn, self, pixels, lambda x: fn(self, x, *args, **kwargs))
+
+    encode._vistok_contract = True
+    return encode
+
+
+def _decode_contract(fn):
+    @functools.wraps(fn)
+    def decode(self, *args, ids=None, latents=None, **kwargs):
+        if args:
+            raise TypeError(f"{type(self).__name__}.decode takes keyword arguments only: decode(ids=...) or "
+                            "decode(latents=...)")
+        ids, latents = self.prepare_ids(ids), self.prepare_latents(latents)
+        if latents is not None:
+            return _run_contract(fn, self, latents, lambda z: fn(self, ids=ids, latents=z, **kwargs))
+        return _run_contract(fn, self, ids, lambda i: fn(self, ids=i, latents=latents, **kwargs))
+
+    decode._vistok_contract = True
+    return decode
+
+
+def _embed_contract(fn):
+    @functools.wraps(fn)
+    def embed(self, ids, *args, **kwargs):
+        return _run_contract(fn, self, self.prepare_ids(ids), lambda i: fn(self, i, *args, **kwargs))
+
+    embed._vistok_contract = True
+    return embed
 
 
 def read_release(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:

@@ -22,7 +22,7 @@ from typing import Iterator, Optional, Sequence
 import torch
 from PIL import Image
 
-from ..images import ImageLike, PreprocessConfig, _INTERPOLATIONS, list_image_files, load_image, pil_to_pixels
+from ..images import ImageLike, PreprocessConfig, _INTERPOLATIONS, list_image_files, load_image, open_image, pil_to_pixels
 
 MAX_REPLACEMENTS = 16
 
@@ -219,9 +219,8 @@ class WebDatasetStream(torch.utils.data.IterableDataset):
             image_key = next((k for k in ("jpg", "jpeg", "png", "webp") if k in sample), None)
             if image_key is None:
                 raise ValueError("no image in the sample")
-            image = Image.open(io.BytesIO(sample[image_key]))
-            image.load()
-            pixels = self.augment(image.convert("RGB"), sample_generator(self.seed, self.stream, n))
+            image = open_image(io.BytesIO(sample[image_key]), f"{name}.{image_key}")
+            pixels = self.augment(image, sample_generator(self.seed, self.stream, n))
             return {"pixels": pixels, "caption": caption, "key": (0, n, n), "skipped": []}
         except Exception as exc:  # a corrupt sample is skipped and counted
             return {"pixels": None, "caption": caption, "key": (0, n, n), "skipped": [f"{name}: {exc}"]}
