@@ -441,18 +441,79 @@ def _embed_contract(fn):
     return embed
 
 
-def read_release(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Read a release directory's config and weights (no model built)."""
-    cfg_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
-    for p in (cfg_path, weights_path):
-        if not p.is_file():
-            raise FileNotFoundError(f"{directory} is not a vistok release directory: missing {p.name}")
+def _network_flags(value: Any, key: str) -> list[str]:
+    """Keys under `value` that would make a library download weights (timm / open_clip `*pretrained*`)."""
+    if isinstance(value, dict):
+        return [k for name, v in value.items() for k in _network_flags(v, f"{key}.{name}")] + \
+            [f"{key}.{name}" for name, v in value.items() if "pretrained" in str(name).lower() and v not in (None, False, "")]
+    if isinstance(value, list):
+        return [k for i, v in enumerate(value) for k in _network_flags(v, f"{key}[{i}]")]
+    return []
+
+
+def build_checked(cls: type["VisualTokenizer"], args: dict, source: str) -> "VisualTokenizer":
+    """`cls(**args)` after `check_model_args`; a value the constructor still rejects (a range, a combination)
+    is a ValueError naming `source` rather than whatever the layer code raised."""
+    try:
+        return cls(**args)
+    except (TypeError, ValueError, ArithmeticError, KeyError, IndexError, AttributeError, RuntimeError) as exc:
+        raise ValueError(f"{source}: model_args do not build a {cls.__name__}: {type(exc).__name__}: {exc}") from None
+
+
+def check_model_args(cls: type["VisualTokenizer"], args: Any, source: str, *, release: bool) -> dict:
+    """Constructor arguments from JSON, checked before anything is built: keys `cls` takes, each of its
+    annotated type, no flag that would download weights, and (release=True) no load-time file argument,
+    since a release holds its weights. Raises ValueError naming `source` and the key."""
+    from ..schema import check_kwargs
+
+    try:
+        args = check_kwargs(cls.__init__, args, "model_args", what=cls.__name__)
+    except ValueError as exc:
+        raise ValueError(f"{source}: {exc}") from None
+    flags = _network_flags(args, "model_args")
+    if flags:
+        raise ValueError(f"{source}: {', '.join(flags)} would download pretrained weights; vistok never reaches the "
+                         "network when building a model (a release holds its weights): set them to false")
+    if release:
+        files = [f"model_args.{k}" for k in cls.load_time_args if args.get(k) is not None]
+        if files:
+            raise ValueError(f"{source}: {', '.join(files)} names a file read at construction, but a release holds its "
+                             "own weights: set it to null")
+    return args
+
+
+def read_release_config(directory: Path) -> dict:
+    """A release directory's config.json, checked: a JSON object with a known `_class_name` and `model_args`
+    that fit that class (see `check_model_args`). Raises FileNotFoundError / ValueError naming the file."""
+    cfg_path = directory / CONFIG_NAME
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{directory} is not a vistok release directory: missing {CONFIG_NAME}")
     try:
         config = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{cfg_path} is not valid JSON: {exc}") from exc
+    if not isinstance(config, dict):
+        raise ValueError(f"{cfg_path} must hold a JSON object with '_class_name' and 'model_args', got "
+                         f"{type(config).__name__} {str(config)[:60]!r}: not a vistok config")
     if "_class_name" not in config or "model_args" not in config:
         raise ValueError(f"{cfg_path} lacks '_class_name' / 'model_args': not a vistok config")
+    if not isinstance(config["_class_name"], str):
+        raise ValueError(f"{cfg_path}: _class_name must be a string naming the tokenizer class, got "
+                         f"{config['_class_name']!r}")
+    try:
+        cls = tokenizer_class(config["_class_name"])
+    except ValueError as exc:
+        raise ValueError(f"{cfg_path}: _class_name: {exc}") from None
+    config["model_args"] = check_model_args(cls, config["model_args"], str(cfg_path), release=True)
+    return config
+
+
+def read_release(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Read a release directory's config (checked, see `read_release_config`) and weights (no model built)."""
+    config = read_release_config(directory)
+    weights_path = directory / WEIGHTS_NAME
+    if not weights_path.is_file():
+        raise FileNotFoundError(f"{directory} is not a vistok release directory: missing {weights_path.name}")
     try:
         weights = load_file(str(weights_path))
     except Exception as exc:  # safetensors raises its own error types for truncated files
