@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_model
 from torch import nn
 
 from .. import __version__
-from ..fileio import atomic_path
+from ..fileio import atomic_path, remove_stale_temps
 from ..images import ImageLike, PreprocessConfig, list_image_files, load_image, pil_to_pixels, preprocess_image
 
 if TYPE_CHECKING:
@@ -359,9 +359,15 @@ class VisualTokenizer(nn.Module):
             config.update(extra)
         # both files are complete on disk before either replaces its predecessor; the inner context
         # exits first, so the weights are swapped in before the config that describes them
-        with atomic_path(directory / CONFIG_NAME) as c_tmp, atomic_path(directory / WEIGHTS_NAME) as w_tmp:
-            save_model(self, str(w_tmp), metadata={"format": "pt", "vistok_version": __version__})
-            c_tmp.write_text(json.dumps(config, indent=2) + "\n")
+        remove_stale_temps(directory)  # left by a writer killed mid-save
+        try:
+            with atomic_path(directory / CONFIG_NAME) as c_tmp, atomic_path(directory / WEIGHTS_NAME) as w_tmp:
+                save_model(self, str(w_tmp), metadata={"format": "pt", "vistok_version": __version__})
+                c_tmp.write_text(json.dumps(config, indent=2) + "\n")
+        except Exception as exc:  # disk full: safetensors raises its own error type
+            cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise OSError(f"could not write the release to {directory} ({cause}); nothing was lost: the files "
+                          "that were there are unchanged") from exc
         return directory
 
     @classmethod

@@ -78,6 +78,39 @@ def is_webdataset(source: str) -> bool:
     return source.endswith(".tar") or ("{" in source and ".tar" in source)
 
 
+def check_data(cfg, world: int = 1) -> None:
+    """Preconditions of the data, checked before a model is built: the sources exist, and webdataset
+    shards are at least as many as the (process, worker) readers that each take a share of them."""
+    d = cfg.data
+    for key, source in (("data.source", d.source), ("data.eval_source", d.eval_source)):
+        if source is None:
+            continue
+        if is_webdataset(source):
+            if key == "data.eval_source":
+                raise ValueError(f"{key} {source}: webdataset shards are for training; give a directory, list or builtin:")
+            check_shards(source, world, d.workers)
+        else:
+            read_items(source)
+
+
+def check_shards(urls: str, world: int, workers: int) -> list[str]:
+    """The expanded shard list; ValueError unless every (process, worker) pair gets at least one shard."""
+    from braceexpand import braceexpand
+
+    shards = [s for part in urls.split("::") for s in braceexpand(part)]
+    local = [s for s in shards if "://" not in s and not s.startswith("pipe:")]
+    missing = [s for s in local if not Path(s).is_file()]
+    if missing:
+        raise FileNotFoundError(f"data.source: {len(missing)} of {len(shards)} shard(s) not found, e.g. {missing[0]}")
+    readers = world * max(1, workers)
+    if len(shards) < readers:
+        raise ValueError(f"data.source has {len(shards)} shard(s) but {world} process(es) x {max(1, workers)} "
+                         f"data.workers = {readers} readers, each of which needs a shard of its own: set "
+                         f"data.workers to at most {max(1, len(shards) // world) if len(shards) >= world else 0} "
+                         "or split the data into more shards")
+    return shards
+
+
 # ---------------------------------------------------------------------------------------- augmentation
 def random_resized_crop(image: Image.Image, size: int, scale: Sequence[float], interpolation: str,
                         generator: torch.Generator, ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> Image.Image:
