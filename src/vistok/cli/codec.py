@@ -168,7 +168,6 @@ def decode_cmd(model, file, out_dir, batch_size, device):
     if meta.get("family") and meta["family"] != tok.family:
         raise ValueError(f"{file} holds {meta['family']}-family tokens (from {source}) but {model} is a "
                          f"{tok.family} model")
-    check_provenance(meta, tok, file, model)
     sources = [Path(p) for p in json.loads(meta.get("files", "[]"))]
     names = [p.stem for p in sources]
     n = next(iter(tensors.values())).shape[0]
@@ -177,6 +176,7 @@ def decode_cmd(model, file, out_dir, batch_size, device):
         first = _decode_rows(tok, tensors, batches[0], device)
     except ValueError as exc:
         raise ValueError(f"{file} (encoded with {source}) does not fit {model}: {exc}") from None
+    check_provenance(meta, tok, file, model)
     names = names if len(names) == n else [f"{i:06d}" for i in range(n)]
     out = Path(out_dir)
     refuse_overwrite([out / f"{name}.png" for name in names], [file, *sources], "--out-dir")
