@@ -405,7 +405,7 @@ def _take_none(value: Any) -> Any:
     return value
 
 
-def _run_contract(fn, self, value, call):
+def _run_contract(value, call):
     """Run `call(value)`; an empty batch runs as a batch of one zero item whose outputs are cut to 0 rows, so
     every family handles B = 0 with the right shapes and dtypes (and the same validation)."""
     if _empty_batch(value):
@@ -417,7 +417,7 @@ def _encode_contract(fn):
     @functools.wraps(fn)
     def encode(self, pixels, *args, **kwargs):
         pixels = self.prepare_pixels(pixels)
-        return _run_contract(fn, self, pixels, lambda x: fn(self, x, *args, **kwargs))
+        return _run_contract(pixels, lambda x: fn(self, x, *args, **kwargs))
 
     encode._vistok_contract = True
     return encode
@@ -431,8 +431,8 @@ def _decode_contract(fn):
                             "decode(latents=...)")
         ids, latents = self.prepare_ids(ids), self.prepare_latents(latents)
         if latents is not None:
-            return _run_contract(fn, self, latents, lambda z: fn(self, ids=ids, latents=z, **kwargs))
-        return _run_contract(fn, self, ids, lambda i: fn(self, ids=i, latents=latents, **kwargs))
+            return _run_contract(latents, lambda z: fn(self, ids=ids, latents=z, **kwargs))
+        return _run_contract(ids, lambda i: fn(self, ids=i, latents=latents, **kwargs))
 
     decode._vistok_contract = True
     return decode
@@ -441,7 +441,7 @@ def _decode_contract(fn):
 def _embed_contract(fn):
     @functools.wraps(fn)
     def embed(self, ids, *args, **kwargs):
-        return _run_contract(fn, self, self.prepare_ids(ids), lambda i: fn(self, i, *args, **kwargs))
+        return _run_contract(self.prepare_ids(ids), lambda i: fn(self, i, *args, **kwargs))
 
     embed._vistok_contract = True
     return embed
