@@ -366,10 +366,14 @@ def test_total_loss_composition_and_adaptive_weight_by_hand(tiny, photos):
     torch.testing.assert_close(d, hand)
 
 
-def test_paper_scale_training_refuses_a_random_teacher():
+def test_paper_scale_training_refuses_a_random_teacher(tmp_path):
     from vistok.train.config import load_config
     from vistok.train.objectives import DualTokenObjective
 
     with pytest.raises(ValueError, match="model.init"):
         DualTokenObjective.check_run(load_config("dualtoken-so400m-384"))
-    DualTokenObjective.check_run(load_config("dualtoken-so400m-384", ["model.init=/some/dir"]))
+    # model.init must be a release directory (its config.json is checked when the config is loaded)
+    (tmp_path / "config.json").write_text(json.dumps(vistok.create_tokenizer("tiny-dualtoken").release_config()))
+    DualTokenObjective.check_run(load_config("dualtoken-so400m-384", [f"model.init={tmp_path}"]))
+    with pytest.raises(FileNotFoundError, match="missing config.json"):
+        load_config("dualtoken-so400m-384", ["model.init=/some/dir"])

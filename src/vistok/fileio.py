@@ -47,3 +47,13 @@ def _fsync_dir(directory: Path) -> None:
         pass  # not supported on every filesystem
     finally:
         os.close(fd)
+
+
+def remove_stale_temps(directory: str | os.PathLike) -> list[Path]:
+    """Temp files `atomic_path` left in `directory` by a process killed mid-write (`.<name>.<random>.tmp`).
+    Only call this where no other process writes (e.g. a locked run folder, or before replacing a release)."""
+    directory = Path(directory)
+    stale = [p for p in directory.glob(".*.tmp") if p.is_file()] if directory.is_dir() else []
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale

@@ -9,7 +9,7 @@ from typing import Iterable, Sequence, Union
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray]
 
@@ -72,10 +72,68 @@ class PreprocessConfig:
         return d
 
 
+_HIGH_BIT_INT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def to_rgb8(img: Image.Image, name: str = "image") -> Image.Image:
+    """Any mode PIL opens -> 8-bit RGB, the way the pixels were meant.
+
+    The EXIF orientation is applied (phone photos come out upright). 16-bit images (modes I;16*, and
+    mode I with values in [0, 65535]) are scaled by 255/65535 and rounded, as an 8-bit export of them
+    would be; float images (mode F) must hold values in [0, 1] and are scaled by 255. Every other mode
+    goes through PIL's own conversion (palette, 1-bit, L, LA, RGBA (alpha dropped), CMYK, YCbCr, LAB,
+    HSV). Raises ValueError naming `name` for values that have no 8-bit meaning (negative or above
+    65535 in mode I, NaN or outside [0, 1] in mode F) or a mode PIL cannot convert.
+    """
+    img = ImageOps.exif_transpose(img)
+    if img.mode in _HIGH_BIT_INT_MODES:
+        arr = np.asarray(img).astype(np.int64)
+        if arr.size and (arr.min() < 0 or arr.max() > 65535):
+            raise ValueError(f"{name}: 32-bit integer image with values in [{arr.min()}, {arr.max()}]; vistok reads "
+                             "integer images as 16-bit [0, 65535]: convert it to 8- or 16-bit first")
+        return _gray_or_rgb(np.rint(arr * (255 / 65535)).astype(np.uint8))
+    if img.mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        if arr.size and not (np.isfinite(arr).all() and arr.min() >= 0.0 and arr.max() <= 1.0):
+            lo, hi = (float(np.nanmin(arr)), float(np.nanmax(arr))) if np.isfinite(arr).any() else (np.nan, np.nan)
+            raise ValueError(f"{name}: float image with values in [{lo:.4g}, {hi:.4g}]"
+                             f"{' and NaN/Inf' if not np.isfinite(arr).all() else ''}; vistok reads float images "
+                             "as [0, 1]")
+        return _gray_or_rgb(np.rint(arr * 255).astype(np.uint8))
+    if img.mode == "RGB":
+        return img
+    try:
+        return img.convert("RGB")
+    except ValueError as exc:
+        raise ValueError(f"{name}: cannot convert PIL mode {img.mode!r} to RGB ({exc})") from None
+
+
+def _gray_or_rgb(arr: np.ndarray) -> Image.Image:
+    return Image.fromarray(np.repeat(arr[..., None], 3, axis=-1) if arr.ndim == 2 else arr).convert("RGB")
+
+
+def open_image(fp, name: str) -> Image.Image:
+    """Open a path or binary file object and decode it with `to_rgb8`; unreadable data, and images over
+    PIL's decompression-bomb limit (`PIL.Image.MAX_IMAGE_PIXELS`), raise ValueError naming `name`."""
+    try:
+        with Image.open(fp) as img:
+            img.load()
+            return to_rgb8(img, name)
+    except Image.DecompressionBombError as exc:
+        raise ValueError(f"cannot read image {name}: {exc} (over PIL's pixel limit PIL.Image.MAX_IMAGE_PIXELS="
+                         f"{Image.MAX_IMAGE_PIXELS}; raise it to read larger images)") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        if isinstance(exc, ValueError) and str(exc).startswith(f"{name}:"):
+            raise
+        raise ValueError(f"cannot read image {name}: {exc}") from exc
+
+
 def load_image(source: ImageLike) -> Image.Image:
-    """Open an image as RGB; a missing or unreadable file raises with the path in the message."""
+    """Open an image as 8-bit RGB (see `to_rgb8`): a path, a PIL image (any mode) or an HxW / HxWx3|4
+    uint8 array. A missing file raises FileNotFoundError, anything else unusable ValueError, with the
+    path or the problem in the message."""
     if isinstance(source, Image.Image):
-        return source.convert("RGB")
+        return to_rgb8(source, "image")
     if isinstance(source, np.ndarray):
         arr = source
         if arr.ndim == 2:
@@ -85,15 +143,13 @@ def load_image(source: ImageLike) -> Image.Image:
         if arr.dtype != np.uint8:
             raise ValueError(f"expected a uint8 array, got {arr.dtype}")
         return Image.fromarray(arr[..., :3])
+    if not isinstance(source, (str, os.PathLike)):
+        raise ValueError(f"cannot read an image from {'None' if source is None else type(source).__name__}: "
+                         "expected a file path, a PIL image or an HxWx3 uint8 array")
     path = Path(source)
     if not path.exists():
         raise FileNotFoundError(f"image not found: {path}")
-    try:
-        with Image.open(path) as img:
-            img.load()
-            return img.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise ValueError(f"cannot read image {path}: {exc}") from exc
+    return open_image(path, str(path))
 
 
 def shortest_edge_size(width: int, height: int, size: int) -> tuple[int, int]:

@@ -175,7 +175,7 @@ def _few(names: Sequence[str], limit: int = 5) -> str:
 
 def load_item(item: ImageItem) -> Image.Image:
     source = item.source
-    return load_image(source) if not isinstance(source, Image.Image) else source.convert("RGB")
+    return load_image(source)
 
 
 class Preprocessed:

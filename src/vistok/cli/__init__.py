@@ -20,9 +20,19 @@ class _Group(click.Group):
         except (ValueError, FileNotFoundError, OSError, NotImplementedError, FloatingPointError) as exc:
             if os.environ.get("VISTOK_DEBUG"):
                 raise
-            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            click.echo(f"Error: {msg}", err=True)
+            click.echo(f"Error: {one_line(exc)}", err=True)
             sys.exit(1)
+
+
+def one_line(exc: BaseException) -> str:
+    """The first line of the message; for an error re-raised from a DataLoader worker ("Caught ValueError in
+    DataLoader worker process 3." + the worker's traceback), the worker's own error line, which is the cause."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    if "Original Traceback" in str(exc) and len(lines) > 1:
+        return f"{lines[-1]} (in a DataLoader worker)"
+    return lines[0]
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from .common import check_device, load_model
+from .common import check_device, load_model, refuse_dir_inside_inputs
 from .output import emit, log
 
 _FID_RESIZES = ("clean", "pytorch-fid")
@@ -150,6 +150,8 @@ def recon_cmd(model, data, metrics, resolution, save_recon, fid_resize, inceptio
     from ..bench.recon import bench_recon
 
     check_device(device)
+    if save_recon:
+        refuse_dir_inside_inputs(save_recon, [data], "--save-recon")
     images = resolve_images(data, limit=limit)
     tok = _load_tokenizer(model, device)
     built, errors = _build_metrics(metrics, "rfid", device, fid_resize, inception, lpips_net, lpips_weights)

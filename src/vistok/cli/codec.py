@@ -9,7 +9,8 @@ from pathlib import Path
 
 import click
 
-from .common import load_model
+from .common import load_model, refuse_dir_inside_inputs, refuse_overwrite
+from .output import log
 from .output import emit
 
 GRID_MAX = 16
@@ -64,6 +65,36 @@ def _image_files(images, reserved=()):
     return files
 
 
+def provenance(tok) -> dict[str, str]:
+    """What an encode file records about its model: the latent scaling factor and a weights fingerprint."""
+    return {"scaling_factor": json.dumps(tok.scaling_factor), "weights_fingerprint": weights_fingerprint(tok)}
+
+
+def weights_fingerprint(model) -> str:
+    """A short hash of the model's tensors (names, shapes and 64 strided values each): cheap at any size, and
+    different for any two trainings in practice."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        flat = t.detach().flatten()
+        step = max(1, flat.numel() // 64)
+        h.update(f"{name}{tuple(t.shape)}".encode())
+        h.update(flat[::step][:64].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def check_provenance(meta: dict, tok, file: str, model: str) -> None:
+    """A latents file decoded with another scaling factor is refused; tokens from other weights are warned about."""
+    source = meta.get("vistok_model", "an unknown model")
+    if "scaling_factor" in meta and json.loads(meta["scaling_factor"]) != tok.scaling_factor:
+        raise ValueError(f"{file} was encoded with {source} at scaling_factor {json.loads(meta['scaling_factor'])}, but "
+                         f"{model} uses scaling_factor {tok.scaling_factor}: decode it with the model that encoded it")
+    if meta.get("weights_fingerprint") and meta["weights_fingerprint"] != weights_fingerprint(tok):
+        log(f"warning: {file} was encoded with {source} (weights {meta['weights_fingerprint']}), but {model} has other "
+            f"weights ({weights_fingerprint(tok)}): its tokens decode to what this model makes of them")
+
+
 @click.command("encode")
 @click.argument("model")
 @click.argument("images", nargs=-1, required=True)
@@ -81,8 +112,9 @@ def encode_cmd(model, images, out, sample, seed, batch_size, device, as_json):
 
     from ..fileio import atomic_path
 
-    tok = load_model(model, device)
     files = _image_files(images)
+    refuse_overwrite([out], files, "--out")
+    tok = load_model(model, device)
     gen = torch.Generator(device=device).manual_seed(seed)
     collected: dict[str, list] = {}
     grid = None
@@ -100,7 +132,8 @@ def encode_cmd(model, images, out, sample, seed, batch_size, device, as_json):
             bar.update(len(chunk))
     tensors = {k: torch.cat(v).contiguous() for k, v in collected.items()}
     meta = {"vistok_model": model, "family": tok.family, "grid": json.dumps(list(grid)),
-            "files": json.dumps([str(f) for f in files]), "kind": "ids" if "latents" not in tensors else "latents"}
+            "files": json.dumps([str(f) for f in files]), "kind": "ids" if "latents" not in tensors else "latents",
+            **provenance(tok)}
     with atomic_path(out) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
     emit([{"file": out, "images": len(files), "grid": list(grid),
@@ -135,15 +168,18 @@ def decode_cmd(model, file, out_dir, batch_size, device):
     if meta.get("family") and meta["family"] != tok.family:
         raise ValueError(f"{file} holds {meta['family']}-family tokens (from {source}) but {model} is a "
                          f"{tok.family} model")
-    names = [Path(p).stem for p in json.loads(meta.get("files", "[]"))]
+    sources = [Path(p) for p in json.loads(meta.get("files", "[]"))]
+    names = [p.stem for p in sources]
     n = next(iter(tensors.values())).shape[0]
     batches = [slice(start, start + batch_size) for start in range(0, n, batch_size)]
     try:  # the first batch fails before any output is written if the tokens do not fit this model
         first = _decode_rows(tok, tensors, batches[0], device)
     except ValueError as exc:
         raise ValueError(f"{file} (encoded with {source}) does not fit {model}: {exc}") from None
+    check_provenance(meta, tok, file, model)
     names = names if len(names) == n else [f"{i:06d}" for i in range(n)]
     out = Path(out_dir)
+    refuse_overwrite([out / f"{name}.png" for name in names], [file, *sources], "--out-dir")
     out.mkdir(parents=True, exist_ok=True)
     with _progress(n, "decode") as bar:
         for i, sl in enumerate(batches):
@@ -171,9 +207,11 @@ def reconstruct_cmd(model, images, out_dir, grid, batch_size, device, as_json):
 
     from ..images import pixels_to_pil
 
-    tok = load_model(model, device)
     files = _image_files(images, reserved=("grid",) if grid else ())
     out = Path(out_dir)
+    refuse_dir_inside_inputs(out, images, "--out-dir")
+    refuse_overwrite([out / f"{f.stem}.png" for f in files] + ([out / "grid.png"] if grid else []), files, "--out-dir")
+    tok = load_model(model, device)
     out.mkdir(parents=True, exist_ok=True)
     pairs, rows = [], []
     with _progress(len(files), "reconstruct") as bar:

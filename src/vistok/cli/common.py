@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from .output import log
@@ -30,3 +31,32 @@ def load_model(spec: str, device: str = "cpu"):
     if not spec.startswith(HF_HUB_PREFIX) and not Path(spec).exists():
         log(f"warning: {spec} is a preset with random weights (pass a release directory for trained weights)")
     return tok.to(dev).eval()
+
+
+# ------------------------------------------------------------------------------------------ outputs
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return a.resolve() == b.resolve()
+
+
+def refuse_overwrite(outputs, inputs, option: str) -> None:
+    """ValueError if any output path is (or links to) one of the input files: no command writes over its input."""
+    inputs = [Path(p) for p in inputs]
+    for out in outputs:
+        out = Path(out)
+        for inp in inputs:
+            if _same_file(out, inp) or out.resolve() == inp.resolve():
+                raise ValueError(f"{option} {out} would overwrite the input {inp}; write the output elsewhere")
+
+
+def refuse_dir_inside_inputs(out_dir, input_paths, option: str) -> None:
+    """ValueError if an output directory is an input directory or inside one: its outputs would replace or
+    mix with the inputs (and be read as inputs by the next run)."""
+    out = Path(out_dir).resolve()
+    for p in input_paths:
+        p = Path(p)
+        if p.is_dir() and (out == p.resolve() or p.resolve() in out.parents):
+            raise ValueError(f"{option} {out_dir} is inside the input directory {p}: the outputs would replace or "
+                             "mix with the inputs; choose a directory outside it")

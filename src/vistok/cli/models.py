@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .common import load_model
+from .common import load_model, refuse_overwrite
 from .output import emit, log
 
 
@@ -92,8 +92,11 @@ def convert_cmd(kind, src, dst, preset, scaling_factor, model_config, pretrained
     mar        MAR checkpoint-*.pth (model_ema by default; size from the shapes)
     harmon     Harmon harmon_0.5b.pth / harmon_1.5b.pth (the mar.* part; LLM and projectors dropped)
     """
+    from pathlib import Path
+
     from ..convert import CONVERTERS
 
+    refuse_overwrite([Path(dst) / "config.json", Path(dst) / "model.safetensors"], [src], "DST")
     log(f"converting {src} ({kind}) ...")
     if scaling_factor is not None and kind != "mar-kl16":
         raise ValueError(f"--scaling-factor applies to KL latents (mar-kl16), not to {kind}")
@@ -134,6 +137,11 @@ def export_diffusers_cmd(model, dst, as_json):
     """Write a KL-family MODEL as a diffusers AutoencoderKL directory DST."""
     from ..convert import export_diffusers, kl_diffusers_config
 
+    from pathlib import Path
+
+    if Path(model).is_dir() and Path(model).resolve() == Path(dst).resolve():
+        raise ValueError(f"DST {dst} is the model directory {model}: exporting there would overwrite its config.json; "
+                         "write the diffusers directory elsewhere")
     tok = load_model(model)
     out = export_diffusers(tok, dst)
     cfg = kl_diffusers_config(tok)

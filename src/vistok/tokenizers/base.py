@@ -7,6 +7,7 @@ config alone (no network) and loads the weights strictly.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import json
@@ -20,7 +21,7 @@ from safetensors.torch import load_file, save_model
 from torch import nn
 
 from .. import __version__
-from ..fileio import atomic_path
+from ..fileio import atomic_path, remove_stale_temps
 from ..images import ImageLike, PreprocessConfig, list_image_files, load_image, pil_to_pixels, preprocess_image
 
 if TYPE_CHECKING:
@@ -162,6 +163,10 @@ class VisualTokenizer(nn.Module):
                 self._config_args = args_
 
         cls.__init__ = recording_init
+        for name, contract in (("encode", _encode_contract), ("decode", _decode_contract), ("embed", _embed_contract)):
+            fn = cls.__dict__.get(name)
+            if fn is not None and not getattr(fn, "_vistok_contract", False):
+                setattr(cls, name, contract(fn))
 
     # ----------------------------------------------------------------------------- config
     @property
@@ -189,6 +194,51 @@ class VisualTokenizer(nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The floating dtype of the model's first floating parameter: what inputs are cast to."""
+        return next((p.dtype for p in self.parameters() if p.is_floating_point()), torch.float32)
+
+    # ----------------------------------------------------------------------------- the input contract
+    def prepare_pixels(self, pixels: Any) -> Any:
+        """Floating pixel tensors are moved to the model's device and cast to its dtype; anything else is
+        left for `validate_pixels` to refuse by name."""
+        if isinstance(pixels, torch.Tensor) and pixels.is_floating_point():
+            return pixels.to(device=self.device, dtype=self.dtype)
+        return pixels
+
+    def prepare_latents(self, latents: Any) -> Any:
+        """Floating latents: refused if NaN/Inf (they would decode to black images), else moved and cast."""
+        if isinstance(latents, torch.Tensor) and latents.is_floating_point():
+            if latents.numel() and not torch.isfinite(latents).all():
+                bad = int((~torch.isfinite(latents)).sum())
+                raise ValueError(f"latents contain NaN or Inf ({bad} of {latents.numel()} values)")
+            return latents.to(device=self.device, dtype=self.dtype)
+        return latents
+
+    def prepare_ids(self, ids: Any) -> Any:
+        """Ids of any integer dtype (uint8 ... int64, tensors, arrays or lists) -> int64 on the model's device,
+        range-checked against each named codebook; bool, float or complex ids raise ValueError."""
+        if not isinstance(ids, dict):
+            return ids
+        books = self.codebooks
+        out = {}
+        for name, value in ids.items():
+            try:
+                x = torch.as_tensor(value)
+            except (TypeError, ValueError, RuntimeError) as exc:
+                raise ValueError(f"ids[{name!r}] is not a tensor of integers: {exc}") from None
+            if x.dtype == torch.bool or x.is_floating_point() or x.is_complex():
+                raise ValueError(f"ids[{name!r}] must be an integer tensor, got {x.dtype} (bool, float and complex "
+                                 "ids are refused: cast integer-valued ids with .long())")
+            x = x.to(device=self.device, dtype=torch.int64)
+            if name in books and x.numel():
+                lo, hi = int(x.min()), int(x.max())
+                if lo < 0 or hi >= books[name].size:
+                    raise ValueError(f"ids[{name!r}] out of range [0, {books[name].size}): min {lo}, max {hi}")
+            out[name] = x
+        return out
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -309,9 +359,15 @@ class VisualTokenizer(nn.Module):
             config.update(extra)
         # both files are complete on disk before either replaces its predecessor; the inner context
         # exits first, so the weights are swapped in before the config that describes them
-        with atomic_path(directory / CONFIG_NAME) as c_tmp, atomic_path(directory / WEIGHTS_NAME) as w_tmp:
-            save_model(self, str(w_tmp), metadata={"format": "pt", "vistok_version": __version__})
-            c_tmp.write_text(json.dumps(config, indent=2) + "\n")
+        remove_stale_temps(directory)  # left by a writer killed mid-save
+        try:
+            with atomic_path(directory / CONFIG_NAME) as c_tmp, atomic_path(directory / WEIGHTS_NAME) as w_tmp:
+                save_model(self, str(w_tmp), metadata={"format": "pt", "vistok_version": __version__})
+                c_tmp.write_text(json.dumps(config, indent=2) + "\n")
+        except Exception as exc:  # disk full: safetensors raises its own error type
+            cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise OSError(f"could not write the release to {directory} ({cause}); nothing was lost: the files "
+                          "that were there are unchanged") from exc
         return directory
 
     @classmethod
@@ -324,18 +380,146 @@ class VisualTokenizer(nn.Module):
         return tok
 
 
-def read_release(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Read a release directory's config and weights (no model built)."""
-    cfg_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
-    for p in (cfg_path, weights_path):
-        if not p.is_file():
-            raise FileNotFoundError(f"{directory} is not a vistok release directory: missing {p.name}")
+def _empty_batch(value: Any) -> bool:
+    if isinstance(value, dict):
+        return bool(value) and all(isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == 0 for v in value.values())
+    return isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == 0
+
+
+def _one(value: Any) -> Any:
+    """A batch of one zero item shaped like the (empty) batch `value`."""
+    if isinstance(value, dict):
+        return {k: _one(v) for k, v in value.items()}
+    return value.new_zeros((1, *value.shape[1:]))
+
+
+def _take_none(value: Any) -> Any:
+    """Every tensor in `value` (tensor, dict, dataclass such as an encoding or posterior) cut to batch 0."""
+    if isinstance(value, torch.Tensor):
+        return value[:0]
+    if isinstance(value, dict):
+        return {k: _take_none(v) for k, v in value.items()}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.replace(value, **{f.name: _take_none(getattr(value, f.name))
+                                             for f in dataclasses.fields(value) if f.init})
+    return value
+
+
+def _run_contract(value, call):
+    """Run `call(value)`; an empty batch runs as a batch of one zero item whose outputs are cut to 0 rows, so
+    every family handles B = 0 with the right shapes and dtypes (and the same validation)."""
+    if _empty_batch(value):
+        return _take_none(call(_one(value)))
+    return call(value)
+
+
+def _encode_contract(fn):
+    @functools.wraps(fn)
+    def encode(self, pixels, *args, **kwargs):
+        pixels = self.prepare_pixels(pixels)
+        return _run_contract(pixels, lambda x: fn(self, x, *args, **kwargs))
+
+    encode._vistok_contract = True
+    return encode
+
+
+def _decode_contract(fn):
+    @functools.wraps(fn)
+    def decode(self, *args, ids=None, latents=None, **kwargs):
+        if args:
+            raise TypeError(f"{type(self).__name__}.decode takes keyword arguments only: decode(ids=...) or "
+                            "decode(latents=...)")
+        ids, latents = self.prepare_ids(ids), self.prepare_latents(latents)
+        if latents is not None:
+            return _run_contract(latents, lambda z: fn(self, ids=ids, latents=z, **kwargs))
+        return _run_contract(ids, lambda i: fn(self, ids=i, latents=latents, **kwargs))
+
+    decode._vistok_contract = True
+    return decode
+
+
+def _embed_contract(fn):
+    @functools.wraps(fn)
+    def embed(self, ids, *args, **kwargs):
+        return _run_contract(self.prepare_ids(ids), lambda i: fn(self, i, *args, **kwargs))
+
+    embed._vistok_contract = True
+    return embed
+
+
+def _network_flags(value: Any, key: str) -> list[str]:
+    """Keys under `value` that would make a library download weights (timm / open_clip `*pretrained*`)."""
+    if isinstance(value, dict):
+        return [k for name, v in value.items() for k in _network_flags(v, f"{key}.{name}")] + \
+            [f"{key}.{name}" for name, v in value.items() if "pretrained" in str(name).lower() and v not in (None, False, "")]
+    if isinstance(value, list):
+        return [k for i, v in enumerate(value) for k in _network_flags(v, f"{key}[{i}]")]
+    return []
+
+
+def build_checked(cls: type["VisualTokenizer"], args: dict, source: str) -> "VisualTokenizer":
+    """`cls(**args)` after `check_model_args`; a value the constructor still rejects (a range, a combination)
+    is a ValueError naming `source` rather than whatever the layer code raised."""
+    try:
+        return cls(**args)
+    except (TypeError, ValueError, ArithmeticError, KeyError, IndexError, AttributeError, RuntimeError) as exc:
+        raise ValueError(f"{source}: model_args do not build a {cls.__name__}: {type(exc).__name__}: {exc}") from None
+
+
+def check_model_args(cls: type["VisualTokenizer"], args: Any, source: str, *, release: bool) -> dict:
+    """Constructor arguments from JSON, checked before anything is built: keys `cls` takes, each of its
+    annotated type, no flag that would download weights, and (release=True) no load-time file argument,
+    since a release holds its weights. Raises ValueError naming `source` and the key."""
+    from ..schema import check_kwargs
+
+    try:
+        args = check_kwargs(cls.__init__, args, "model_args", what=cls.__name__)
+    except ValueError as exc:
+        raise ValueError(f"{source}: {exc}") from None
+    flags = _network_flags(args, "model_args")
+    if flags:
+        raise ValueError(f"{source}: {', '.join(flags)} would download pretrained weights; vistok never reaches the "
+                         "network when building a model (a release holds its weights): set them to false")
+    if release:
+        files = [f"model_args.{k}" for k in cls.load_time_args if args.get(k) is not None]
+        if files:
+            raise ValueError(f"{source}: {', '.join(files)} names a file read at construction, but a release holds its "
+                             "own weights: set it to null")
+    return args
+
+
+def read_release_config(directory: Path) -> dict:
+    """A release directory's config.json, checked: a JSON object with a known `_class_name` and `model_args`
+    that fit that class (see `check_model_args`). Raises FileNotFoundError / ValueError naming the file."""
+    cfg_path = directory / CONFIG_NAME
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{directory} is not a vistok release directory: missing {CONFIG_NAME}")
     try:
         config = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{cfg_path} is not valid JSON: {exc}") from exc
+    if not isinstance(config, dict):
+        raise ValueError(f"{cfg_path} must hold a JSON object with '_class_name' and 'model_args', got "
+                         f"{type(config).__name__} {str(config)[:60]!r}: not a vistok config")
     if "_class_name" not in config or "model_args" not in config:
         raise ValueError(f"{cfg_path} lacks '_class_name' / 'model_args': not a vistok config")
+    if not isinstance(config["_class_name"], str):
+        raise ValueError(f"{cfg_path}: _class_name must be a string naming the tokenizer class, got "
+                         f"{config['_class_name']!r}")
+    try:
+        cls = tokenizer_class(config["_class_name"])
+    except ValueError as exc:
+        raise ValueError(f"{cfg_path}: _class_name: {exc}") from None
+    config["model_args"] = check_model_args(cls, config["model_args"], str(cfg_path), release=True)
+    return config
+
+
+def read_release(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Read a release directory's config (checked, see `read_release_config`) and weights (no model built)."""
+    config = read_release_config(directory)
+    weights_path = directory / WEIGHTS_NAME
+    if not weights_path.is_file():
+        raise FileNotFoundError(f"{directory} is not a vistok release directory: missing {weights_path.name}")
     try:
         weights = load_file(str(weights_path))
     except Exception as exc:  # safetensors raises its own error types for truncated files

@@ -242,6 +242,7 @@ class DualTokenTokenizer(VisualTokenizer):
         """(B, N, code_dim) code vectors -> unclamped image."""
         b = quantized.shape[0]
         h, w = self.siglip.grid
+        quantized = quantized.to(next(self.pixel_out.parameters()).dtype)  # fp32 codebook, maybe half decoder
         z = self.pixel_out(quantized).transpose(1, 2).reshape(b, -1, h, w)
         size = self.decoder_latent_size
         if (h, w) != (size, size):

@@ -99,6 +99,11 @@ class KLTokenizer(VisualTokenizer):
             bad = [lv for lv in levels if not 0 <= lv < n]
             if bad:
                 raise ValueError(f"{name} {list(levels)} outside the {n} levels of ch_mult")
+        if not math.isfinite(scaling_factor) or scaling_factor <= 0:
+            raise ValueError(f"scaling_factor must be a positive finite number (latents are divided by it), "
+                             f"got {scaling_factor}")
+        if norm_groups < 1:
+            raise ValueError(f"norm_groups must be >= 1, got {norm_groups}")
         for c in [ch * m for m in ch_mult]:
             if c % norm_groups:
                 raise ValueError(f"channel count {c} is not divisible by norm_groups={norm_groups}")

@@ -11,7 +11,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Optional
 
-from .base import VisualTokenizer, load_state_dict_strict, read_release, tokenizer_class
+from .base import (VisualTokenizer, build_checked, check_model_args, load_state_dict_strict, read_release,
+                   tokenizer_class)
 
 HF_HUB_PREFIX = "hf-hub:"
 
@@ -61,10 +62,8 @@ def create_tokenizer(name: str, **overrides) -> VisualTokenizer:
     `clip_config`, which replaces it whole."""
     preset = get_preset(name)
     cls = tokenizer_class(preset["class"])
-    try:
-        return cls(**_merge(preset.get("args", {}), overrides))
-    except TypeError as exc:
-        raise ValueError(f"cannot build {name!r}: {exc}") from None
+    args = check_model_args(cls, _merge(preset.get("args", {}), overrides), f"preset {name!r}", release=False)
+    return build_checked(cls, args, f"preset {name!r}")
 
 
 def _resolve_hf_hub(spec: str) -> Path:
@@ -90,10 +89,7 @@ def load_tokenizer(path: str | os.PathLike, *, map_location: str = "cpu") -> Vis
         raise FileNotFoundError(f"no such tokenizer directory: {directory}{hint}")
     config, weights = read_release(directory)
     cls = tokenizer_class(config["_class_name"])
-    try:
-        tok = cls(**config["model_args"])
-    except TypeError as exc:
-        raise ValueError(f"{directory}/config.json does not fit {cls.__name__}: {exc}") from None
+    tok = build_checked(cls, config["model_args"], str(directory / "config.json"))
     tok.check_release_config(config, source=str(directory / "config.json"))
     load_state_dict_strict(tok, weights, target=f"{cls.__name__} from {directory}")
     tok.eval()

@@ -30,6 +30,24 @@ def _state_dict_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (e.g. disk full); the earlier checkpoints are untouched."""
+
+
+class UnreadableCheckpointError(ValueError):
+    """A checkpoint file is truncated or corrupt (e.g. the disk filled or the machine died mid-copy)."""
+
+
+def read_tensors(file: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file of a checkpoint; a truncated or corrupt one raises UnreadableCheckpointError."""
+    if not file.is_file():
+        raise UnreadableCheckpointError(f"checkpoint {file.parent} lacks {file.name}")
+    try:
+        return load_file(str(file))
+    except Exception as exc:  # safetensors' own error type
+        raise UnreadableCheckpointError(f"{file} is unreadable (truncated or corrupt): {exc}") from None
+
+
 def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
     tensors = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -110,6 +128,13 @@ def save_checkpoint(run_dir: Path, step: int, *, modules: dict[str, torch.nn.Mod
             shutil.rmtree(final)
         tmp.rename(final)
         _fsync(run_dir)
+    except Exception as exc:  # disk full: safetensors / torch raise their own error types
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = latest_checkpoint(run_dir)
+        cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointWriteError(
+            f"could not write checkpoint step_{step} in {run_dir} ({cause}); nothing was lost: the previous "
+            f"checkpoints are intact (latest: {previous.name if previous else 'none'})") from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -124,18 +149,25 @@ def load_checkpoint(path: Path, *, modules: dict[str, torch.nn.Module], states: 
     resumed on a different number of processes reuses them cyclically); return the trainer state."""
     from ..tokenizers.base import load_state_dict_strict
 
-    meta = json.loads((path / STATE_NAME).read_text())
-    for name, module in modules.items():
-        file = path / f"{name}.safetensors"
-        if not file.is_file():
-            raise FileNotFoundError(f"checkpoint {path} lacks {file.name}")
-        load_state_dict_strict(module, load_file(str(file)), target=f"{name} from {path}")
-    for name, obj in states.items():
+    try:
+        meta = json.loads((path / STATE_NAME).read_text())
+    except (OSError, ValueError) as exc:
+        raise UnreadableCheckpointError(f"{path / STATE_NAME} is unreadable: {exc}") from None
+    tensors = {name: read_tensors(path / f"{name}.safetensors") for name in modules}  # all readable before any load
+    saved_states = {}
+    for name in states:
         file = path / f"{name}.pt"
         if not file.is_file():
-            raise FileNotFoundError(f"checkpoint {path} lacks {file.name}")
-        obj.load_state_dict(torch.load(file, map_location="cpu", weights_only=True))
-    saved = load_file(str(path / "rng.safetensors"))
+            raise UnreadableCheckpointError(f"checkpoint {path} lacks {file.name}")
+        try:
+            saved_states[name] = torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as exc:  # a truncated zip archive is a RuntimeError
+            raise UnreadableCheckpointError(f"{file} is unreadable (truncated or corrupt): {exc}") from None
+    saved = read_tensors(path / "rng.safetensors")
+    for name, module in modules.items():
+        load_state_dict_strict(module, tensors[name], target=f"{name} from {path}")
+    for name, obj in states.items():
+        obj.load_state_dict(saved_states[name])
     which = rank % len(meta["rng"])
     prefix = f"{which}."
     set_rng_state({k[len(prefix):]: v for k, v in saved.items() if k.startswith(prefix)}, meta["rng"][which])

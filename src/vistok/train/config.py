@@ -7,13 +7,23 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from importlib import resources
 from pathlib import Path
+import typing
 from typing import Any, Optional
+
+from ..schema import check_range, check_value
+
+
+def _f(default, **limits):
+    """A config field with its range (ge, gt, le, lt, choices; for lists each value), checked by `build_config`."""
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata=limits)
+    return field(default=default, metadata=limits)
 
 
 @dataclass
 class ModelConfig:
     preset: str = "tiny-dualtoken"
-    overrides: dict = field(default_factory=dict)  # constructor arguments on top of the preset
+    overrides: dict = _f({})  # constructor arguments on top of the preset
     init: Optional[str] = None  # a release directory to start from instead of the preset's random weights
 
 
@@ -21,40 +31,40 @@ class ModelConfig:
 class DataConfig:
     source: str = "builtin:photos-train"  # directory, .jsonl/.csv list, webdataset shards (*.tar, brace ranges) or builtin:
     eval_source: Optional[str] = "builtin:photos"  # held-out images scored (PSNR) at the start and end
-    eval_limit: int = 64
-    workers: int = 0
-    crop_scale: tuple = (0.9, 1.0)  # RandomResizedCrop area range (DualToken: open_clip's (0.9, 1.0))
+    eval_limit: int = _f(64, ge=1)
+    workers: int = _f(0, ge=0)
+    crop_scale: tuple[float, float] = _f((0.9, 1.0), gt=0.0, le=1.0)  # RandomResizedCrop area range (open_clip's)
     hflip: bool = False
-    shuffle_buffer: int = 1000  # webdataset only
+    shuffle_buffer: int = _f(1000, ge=0)  # webdataset only
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 7.2e-5
-    betas: tuple = (0.5, 0.9)
-    weight_decay: float = 1e-4
-    warmup_steps: int = 10000
-    schedule: str = "cosine"  # cosine | constant
-    min_lr: float = 0.0
-    grad_clip: Optional[float] = None
-    disc_lr: Optional[float] = None  # None: the main lr
-    disc_betas: tuple = (0.5, 0.9)
-    disc_min_lr: float = 4e-5
-    disc_warmup_steps: Optional[int] = None  # None: warmup_steps (DualToken: half an epoch)
+    lr: float = _f(7.2e-5, gt=0.0)
+    betas: tuple[float, float] = _f((0.5, 0.9), ge=0.0, lt=1.0)
+    weight_decay: float = _f(1e-4, ge=0.0)
+    warmup_steps: int = _f(10000, ge=0)
+    schedule: str = _f("cosine", choices=("cosine", "constant"))
+    min_lr: float = _f(0.0, ge=0.0)
+    grad_clip: Optional[float] = _f(None, gt=0.0)
+    disc_lr: Optional[float] = _f(None, gt=0.0)  # None: the main lr
+    disc_betas: tuple[float, float] = _f((0.5, 0.9), ge=0.0, lt=1.0)
+    disc_min_lr: float = _f(4e-5, ge=0.0)
+    disc_warmup_steps: Optional[int] = _f(None, ge=0)  # None: warmup_steps (DualToken: half an epoch)
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 1000
-    batch_size: int = 32  # per process
-    accumulation: int = 1
-    precision: str = "bf16"  # bf16 | fp32 (quantizers always run in fp32)
-    seed: int = 0
-    log_every: int = 10
-    save_every: int = 1000
-    keep_last: int = 3
-    image_every: int = 1000
-    ema_decay: Optional[float] = None
+    steps: int = _f(1000, ge=1)
+    batch_size: int = _f(32, ge=1)  # per process
+    accumulation: int = _f(1, ge=1)
+    precision: str = _f("bf16", choices=("bf16", "fp32"))  # quantizers always run in fp32
+    seed: int = _f(0, ge=0)
+    log_every: int = _f(10, ge=1)
+    save_every: int = _f(1000, ge=1)
+    keep_last: int = _f(3, ge=1)
+    image_every: int = _f(1000, ge=1)
+    ema_decay: Optional[float] = _f(None, gt=0.0, lt=1.0)
     grad_checkpointing: bool = False
     export: bool = True  # write OUT/export (a release directory) at the end
 
@@ -126,33 +136,48 @@ def apply_overrides(data: dict, assignments: list[str]) -> dict:
 
 
 def _section(cls, values: Any, name: str):
+    """Every key known, of its annotated type and inside its range, before the dataclass is built."""
     if not isinstance(values, dict):
-        raise ValueError(f"config section {name!r} must be an object, got {type(values).__name__}")
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(values) - known)
+        raise ValueError(f"config section {name!r} must be an object, got {values!r}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(values) - set(known))
     if unknown:
         raise ValueError(f"unknown config key(s) {', '.join(f'{name}.{k}' for k in unknown)}; "
                          f"{name} takes: {', '.join(sorted(known))}")
-    return cls(**values)
+    hints = typing.get_type_hints(cls)
+    checked = {}
+    for key, value in values.items():
+        checked[key] = check_value(value, hints[key], f"{name}.{key}")
+        check_range(checked[key], f"{name}.{key}", **known[key].metadata)
+    return cls(**checked)
 
 
-def build_config(data: dict) -> RunConfig:
+def _check_relations(cfg: RunConfig) -> None:
+    lo, hi = cfg.data.crop_scale
+    if lo > hi:
+        raise ValueError(f"data.crop_scale must be [low, high] with low <= high, got {list(cfg.data.crop_scale)}")
+    if cfg.optim.min_lr > cfg.optim.lr:
+        raise ValueError(f"optim.min_lr ({cfg.optim.min_lr}) must not exceed optim.lr ({cfg.optim.lr})")
+
+
+def build_config(data: Any) -> RunConfig:
+    """A config dict -> RunConfig, every value type- and range-checked (errors name the key) and the model's
+    family checked against `family`, before anything is built."""
+    if not isinstance(data, dict):
+        raise ValueError(f"a config is a JSON object with sections {['family', 'loss', *SECTIONS]}, got {data!r}")
     top = {"family", "loss", *SECTIONS}
     unknown = sorted(set(data) - top)
     if unknown:
         raise ValueError(f"unknown config section(s) {unknown}; sections: {sorted(top)}")
-    cfg = RunConfig(family=data.get("family", "dualtoken"), loss=dict(data.get("loss", {})),
-                    **{name: _section(cls, data.get(name, {}), name) for name, cls in SECTIONS.items()})
     from .objectives import objective_class
 
-    objective_class(cfg.family).check_loss_args(cfg.loss)
-    if cfg.train.precision not in ("bf16", "fp32"):
-        raise ValueError(f"train.precision must be 'bf16' or 'fp32', got {cfg.train.precision!r}")
-    if cfg.optim.schedule not in ("cosine", "constant"):
-        raise ValueError(f"optim.schedule must be 'cosine' or 'constant', got {cfg.optim.schedule!r}")
-    for key in ("steps", "batch_size", "accumulation", "log_every", "save_every", "keep_last", "image_every"):
-        if getattr(cfg.train, key) < 1:
-            raise ValueError(f"train.{key} must be >= 1, got {getattr(cfg.train, key)}")
+    family = check_value(data.get("family", "dualtoken"), str, "family")
+    objective = objective_class(family)
+    loss = objective.check_loss_args(data.get("loss", {}))
+    cfg = RunConfig(family=family, loss=loss,
+                    **{name: _section(cls, data.get(name, {}), name) for name, cls in SECTIONS.items()})
+    _check_relations(cfg)
+    objective.check_model(cfg)
     return cfg
 
 

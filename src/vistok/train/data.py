@@ -22,7 +22,7 @@ from typing import Iterator, Optional, Sequence
 import torch
 from PIL import Image
 
-from ..images import ImageLike, PreprocessConfig, _INTERPOLATIONS, list_image_files, load_image, pil_to_pixels
+from ..images import ImageLike, PreprocessConfig, _INTERPOLATIONS, list_image_files, load_image, open_image, pil_to_pixels
 
 MAX_REPLACEMENTS = 16
 
@@ -76,6 +76,39 @@ def read_items(source: str) -> list[Item]:
 
 def is_webdataset(source: str) -> bool:
     return source.endswith(".tar") or ("{" in source and ".tar" in source)
+
+
+def check_data(cfg, world: int = 1) -> None:
+    """Preconditions of the data, checked before a model is built: the sources exist, and webdataset
+    shards are at least as many as the (process, worker) readers that each take a share of them."""
+    d = cfg.data
+    for key, source in (("data.source", d.source), ("data.eval_source", d.eval_source)):
+        if source is None:
+            continue
+        if is_webdataset(source):
+            if key == "data.eval_source":
+                raise ValueError(f"{key} {source}: webdataset shards are for training; give a directory, list or builtin:")
+            check_shards(source, world, d.workers)
+        else:
+            read_items(source)
+
+
+def check_shards(urls: str, world: int, workers: int) -> list[str]:
+    """The expanded shard list; ValueError unless every (process, worker) pair gets at least one shard."""
+    from braceexpand import braceexpand
+
+    shards = [s for part in urls.split("::") for s in braceexpand(part)]
+    local = [s for s in shards if "://" not in s and not s.startswith("pipe:")]
+    missing = [s for s in local if not Path(s).is_file()]
+    if missing:
+        raise FileNotFoundError(f"data.source: {len(missing)} of {len(shards)} shard(s) not found, e.g. {missing[0]}")
+    readers = world * max(1, workers)
+    if len(shards) < readers:
+        raise ValueError(f"data.source has {len(shards)} shard(s) but {world} process(es) x {max(1, workers)} "
+                         f"data.workers = {readers} readers, each of which needs a shard of its own: set "
+                         f"data.workers to at most {max(1, len(shards) // world) if len(shards) >= world else 0} "
+                         "or split the data into more shards")
+    return shards
 
 
 # ---------------------------------------------------------------------------------------- augmentation
@@ -219,9 +252,8 @@ class WebDatasetStream(torch.utils.data.IterableDataset):
             image_key = next((k for k in ("jpg", "jpeg", "png", "webp") if k in sample), None)
             if image_key is None:
                 raise ValueError("no image in the sample")
-            image = Image.open(io.BytesIO(sample[image_key]))
-            image.load()
-            pixels = self.augment(image.convert("RGB"), sample_generator(self.seed, self.stream, n))
+            image = open_image(io.BytesIO(sample[image_key]), f"{name}.{image_key}")
+            pixels = self.augment(image, sample_generator(self.seed, self.stream, n))
             return {"pixels": pixels, "caption": caption, "key": (0, n, n), "skipped": []}
         except Exception as exc:  # a corrupt sample is skipped and counted
             return {"pixels": None, "caption": caption, "key": (0, n, n), "skipped": [f"{name}: {exc}"]}

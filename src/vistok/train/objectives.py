@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import inspect
 import math
+from pathlib import Path
 from typing import Optional
 
 import torch
 from torch import nn
 
 from ..losses.dualtoken import DualTokenLoss
+from ..schema import check_kwargs
 from ..losses.contrastive import TokLIPLoss
 from ..losses.kl import LDMKLLoss
 from ..losses.vq import LlamaGenVQLoss
@@ -24,13 +26,28 @@ class Objective:
     export_drop_prefixes: tuple[str, ...] = ()
 
     @classmethod
-    def check_loss_args(cls, args: dict) -> None:
-        params = inspect.signature(cls.loss_class.__init__).parameters
-        known = sorted(p for p in params if p != "self")
-        unknown = sorted(set(args) - set(known))
-        if unknown:
-            raise ValueError(f"unknown config key(s) {', '.join('loss.' + k for k in unknown)} for family "
-                             f"{cls.family!r}; loss takes: {', '.join(known)}")
+    def check_loss_args(cls, args) -> dict:
+        """The `loss` section: keys the family's loss takes, each of its annotated type."""
+        return check_kwargs(cls.loss_class.__init__, args, "loss", what=f"family {cls.family!r}")
+
+    @classmethod
+    def check_model(cls, cfg) -> None:
+        """The model (preset or model.init release) must be of this objective's family, and model.overrides
+        must be arguments of its class: both refused before anything is built."""
+        from ..tokenizers.base import read_release_config, tokenizer_class
+        from ..tokenizers.registry import get_preset
+
+        if cfg.model.init:
+            model_cls = tokenizer_class(read_release_config(Path(cfg.model.init))["_class_name"])
+            source = f"model.init {cfg.model.init}"
+        else:
+            model_cls = tokenizer_class(get_preset(cfg.model.preset)["class"])
+            source = f"model.preset {cfg.model.preset!r}"
+        if model_cls.family != cls.family:
+            raise ValueError(f"{source} is a {model_cls.family}-family model, but the config's family is "
+                             f"{cls.family!r}: set family (and its loss section) to match, or pick a {cls.family} model")
+        cfg.model.overrides = check_kwargs(model_cls.__init__, cfg.model.overrides, "model.overrides",
+                                           what=model_cls.__name__)
 
     def __init__(self, loss_args: dict):
         self.check_loss_args(loss_args)

@@ -22,15 +22,17 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..fileio import atomic_path
+from ..fileio import atomic_path, remove_stale_temps
 from ..bench.metrics import psnr_uint8
 from ..bench.recon import reconstruct
 from ..images import pixels_to_pil, to_uint8
-from .checkpoint import latest_checkpoint, load_checkpoint, remove_partial_checkpoints, rng_state, save_checkpoint
+from .checkpoint import (UnreadableCheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint, read_tensors,
+                         remove_partial_checkpoints, rng_state, save_checkpoint)
 from .config import RunConfig
 from .data import (Augment, ImageDataset, ResumableBatchSampler, collate, collate_stream, is_webdataset,
-                   next_position, read_items, WebDatasetStream)
+                   check_data, next_position, read_items, WebDatasetStream)
 from .objectives import Objective, objective_class
+from .runlock import RunFolderBusy, RunLock
 
 CONFIG_NAME = "config.json"
 
@@ -154,6 +156,36 @@ class Trainer:
         self.dist = setup_distributed()
         self.quiet = quiet
         objective_class(cfg.family).check_run(cfg)  # before building a large model
+        check_data(cfg, self.dist.world)
+        self.lock = RunLock(self.out, self.log)
+        self._hold_run_folder()
+        try:
+            self._setup(resume)
+        except BaseException:
+            self.close()
+            raise
+
+    def _hold_run_folder(self) -> None:
+        """Rank 0 locks the run folder; every rank learns whether it did, so none goes on alone."""
+        ok, error = 1, None
+        if self.dist.main:
+            try:
+                self.lock.acquire()
+            except RunFolderBusy as exc:
+                ok, error = 0, exc
+        if self.dist.world > 1:
+            flag = torch.tensor(ok, device=self.dist.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            ok = int(flag.item())
+        if not ok:
+            raise error or RunFolderBusy(f"run folder {self.out} is in use by another process")
+
+    def close(self) -> None:
+        """Release the run folder (done by `fit` at its end)."""
+        self.lock.release()
+
+    def _setup(self, resume: bool) -> None:
+        cfg = self.cfg
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self.model = build_model(cfg).to(self.dist.device).train()
         self.objective: Objective = objective_class(cfg.family)(cfg.loss)
@@ -166,6 +198,9 @@ class Trainer:
         if self.dist.main:
             for stale in remove_partial_checkpoints(self.out):
                 self.log(f"removed a partial checkpoint left by an interrupted write: {stale}")
+            for folder in (self.out, self.out / "images", self.out / "export"):
+                for stale in remove_stale_temps(folder):
+                    self.log(f"removed a temporary file left by an interrupted write: {stale}")
         if resume:
             self._resume()
         elif latest_checkpoint(self.out) is not None:  # every rank: none may go on into DDP's collectives
@@ -205,8 +240,8 @@ class Trainer:
         return modules, states
 
     def _resume(self) -> None:
-        path = latest_checkpoint(self.out)
-        if path is None:
+        found = list_checkpoints(self.out)
+        if not found:
             raise FileNotFoundError(f"--resume: no checkpoint under {self.out}")
         saved = json.loads((self.out / CONFIG_NAME).read_text()) if (self.out / CONFIG_NAME).is_file() else None
         if saved is not None:
@@ -216,10 +251,42 @@ class Trainer:
                     raise ValueError(f"--resume: the {section!r} section differs from the run's saved config "
                                      f"({self.out / CONFIG_NAME}); resume with the same config")
         modules, states = self._state_parts()
-        meta = load_checkpoint(path, modules=modules, states=states, rank=self.dist.rank)
+        fresh = [[{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+                 for opt, _ in self._optimizers()]
+        for _, path in reversed(found):  # newest first; an unreadable one (e.g. truncated) falls back
+            try:
+                meta = load_checkpoint(path, modules=modules, states=states, rank=self.dist.rank)
+                break
+            except UnreadableCheckpointError as exc:
+                self.log(f"--resume: skipping {path.name}: {exc}")
+        else:
+            raise ValueError(f"--resume: no readable checkpoint under {self.out} (tried "
+                             f"{', '.join(p.name for _, p in found)})")
+        if path != found[-1][1]:
+            self.log(f"--resume: continuing from {path.name}, the latest readable checkpoint")
+        self._apply_optim_config(fresh)
+        if saved is not None and saved.get("optim") != self.cfg.to_dict()["optim"]:
+            changed = {k: (saved.get("optim", {}).get(k), v) for k, v in self.cfg.to_dict()["optim"].items()
+                       if saved.get("optim", {}).get(k) != v}
+            self.log("--resume: the config's optim settings apply from here: "
+                     + ", ".join(f"optim.{k} {a} -> {b}" for k, (a, b) in changed.items()))
         self.step, self.position = int(meta["step"]), tuple(meta["data_position"])
         self.skipped_total = int(meta.get("skipped_images", 0))
         self.checkpoint_loaded = path
+
+    def _optimizers(self) -> list[tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]]:
+        return [(self.opt, self.sched)] + ([(self.d_opt, self.d_sched)] if self.d_opt is not None else [])
+
+    def _apply_optim_config(self, fresh: list[list[dict]]) -> None:
+        """After loading optimizer/scheduler states, the config's hyperparameters win (lr, betas, weight decay,
+        schedule): a checkpoint restores moments and the step, not settings the user has since changed."""
+        for (opt, sched), groups in zip(self._optimizers(), fresh):
+            for group, settings in zip(opt.param_groups, groups):
+                group.update(settings)
+            sched.base_lrs = [group["initial_lr"] for group in opt.param_groups]
+            for group, base, factor in zip(opt.param_groups, sched.base_lrs, sched.lr_lambdas):
+                group["lr"] = base * factor(sched.last_epoch)
+            sched._last_lr = [group["lr"] for group in opt.param_groups]
 
     def save(self) -> Optional[Path]:
         """Called on every rank (the RNG streams are gathered); rank 0 writes, the others wait."""
@@ -398,6 +465,34 @@ class Trainer:
             image.save(tmp, format="PNG")
 
     def fit(self) -> dict:
+        """Train to `train.steps` (and export); the run folder is released at the end, whatever happens."""
+        try:
+            return self._fit()
+        except FloatingPointError as exc:
+            latest = latest_checkpoint(self.out)
+            raise FloatingPointError(
+                f"{exc}. The latest checkpoint is {latest.name if latest else 'none'}: lower optim.lr (or set "
+                "optim.grad_clip) and --resume, the new optim settings apply; if that checkpoint's weights are "
+                "already damaged, remove it to resume from the one before") from None
+        finally:
+            self.close()
+
+    def _truncate_logs(self) -> None:
+        """A resumed run re-runs the steps after its checkpoint: drop their earlier log lines."""
+        metrics = self.out / "metrics.jsonl"
+        if not metrics.is_file():
+            return
+        keep = []
+        for line in metrics.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= self.step:
+                    keep.append(line)
+            except ValueError:  # a line cut off by a kill
+                continue
+        with atomic_path(metrics) as tmp:
+            tmp.write_text("".join(line + "\n" for line in keep))
+
+    def _fit(self) -> dict:
         t = self.cfg.train
         self.out.mkdir(parents=True, exist_ok=True)
         if self.dist.main:
@@ -411,7 +506,10 @@ class Trainer:
         if self.dist.main:
             from torch.utils.tensorboard import SummaryWriter
 
-            writer = SummaryWriter(str(self.out / "tensorboard"))
+            if self.step > 0:
+                self._truncate_logs()
+            # purge_step: TensorBoard drops the events a resumed run is about to write again
+            writer = SummaryWriter(str(self.out / "tensorboard"), purge_step=self.step + 1 if self.step else None)
         batches = iter(self._loader())
         progress = self.progress = None
         if self.dist.main and not self.quiet:
@@ -447,37 +545,68 @@ class Trainer:
         summary.update(steps=self.step, seconds=round(time.time() - started, 1), skipped_images=self.skipped_total,
                        psnr_after=self.evaluate(eval_pixels))
         if t.export and self.dist.main:
-            summary["export"] = str(export_run(self.out, self.out / "export", ema=self.ema is not None))
+            summary["export"] = str(export_run(self.out, self.out / "export", ema=self.ema is not None,
+                                                  log=self.log))
         return summary
 
 
 # ---------------------------------------------------------------------------------------------- export
 def export_run(run_dir: str | os.PathLike, dst: str | os.PathLike, *, step: Optional[int] = None,
-               ema: bool = False) -> Path:
+               ema: bool = False, log=None) -> Path:
     """A run's checkpoint (latest or `step`) -> a release directory for inference (the family's
-    training-only parts, e.g. DualToken's teacher, left out)."""
-    from safetensors.torch import load_file
-
+    training-only parts, e.g. DualToken's teacher, left out). Without `step`, an unreadable latest
+    checkpoint (e.g. truncated) falls back to the newest readable one, said through `log`."""
     from ..tokenizers.base import load_state_dict_strict
     from .config import build_config
 
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     run_dir = Path(run_dir)
     if not (run_dir / CONFIG_NAME).is_file():
         raise FileNotFoundError(f"{run_dir} is not a training run directory (no {CONFIG_NAME})")
+    _refuse_export_into_run(run_dir, Path(dst))
     cfg = build_config(json.loads((run_dir / CONFIG_NAME).read_text()))
-    path = run_dir / f"step_{step}" if step is not None else latest_checkpoint(run_dir)
-    if path is None or not path.is_dir():
-        raise FileNotFoundError(f"no checkpoint {'step_' + str(step) if step is not None else ''} under {run_dir}")
+    if step is not None:
+        candidates = [run_dir / f"step_{step}"]
+        if not candidates[0].is_dir():
+            raise FileNotFoundError(f"no checkpoint step_{step} under {run_dir}")
+    else:
+        candidates = [p for _, p in reversed(list_checkpoints(run_dir))]
+        if not candidates:
+            raise FileNotFoundError(f"no checkpoint under {run_dir}")
+    for path in candidates:
+        try:
+            state = _export_state(path, ema)
+            break
+        except UnreadableCheckpointError as exc:
+            if step is not None:
+                raise ValueError(f"checkpoint step_{step} of {run_dir} cannot be exported: {exc}") from None
+            log(f"export: skipping {path.name}: {exc}")
+    else:
+        raise ValueError(f"no readable checkpoint under {run_dir} (tried {', '.join(p.name for p in candidates)})")
+    if path != candidates[0]:
+        log(f"export: using {path.name}, the latest readable checkpoint")
     objective = objective_class(cfg.family)
     cfg.train.grad_checkpointing = False
     model = build_model(cfg, overrides=objective.export_overrides, load_init=False)
-    state = load_file(str(path / "model.safetensors"))
-    if ema:
-        if not (path / "ema.safetensors").is_file():
-            raise FileNotFoundError(f"{path} holds no EMA weights (train.ema_decay was not set)")
-        averaged = load_file(str(path / "ema.safetensors"))
-        state.update({k.replace("__", "."): v for k, v in averaged.items()})
     state = {k: v for k, v in state.items() if not k.startswith(objective.export_drop_prefixes)}
     load_state_dict_strict(model, state, target=f"export of {path}")
     model.save_pretrained(dst, extra={"trained_steps": int(path.name.split("_")[1])})
     return Path(dst)
+
+
+def _export_state(path: Path, ema: bool) -> dict:
+    state = read_tensors(path / "model.safetensors")
+    if ema:
+        if not (path / "ema.safetensors").is_file():
+            raise FileNotFoundError(f"{path} holds no EMA weights (train.ema_decay was not set)")
+        state.update({k.replace("__", "."): v for k, v in read_tensors(path / "ema.safetensors").items()})
+    return state
+
+
+def _refuse_export_into_run(run_dir: Path, dst: Path) -> None:
+    """DST may be RUN/export or anywhere else, but not the run folder itself or its checkpoints and logs."""
+    run, out = run_dir.resolve(), dst.resolve()
+    inside = run in out.parents and out.relative_to(run).parts[0]
+    if out == run or (inside and (inside.startswith("step_") or inside in ("tensorboard", "images"))):
+        raise ValueError(f"DST {dst} is the run folder {run_dir} or one of its checkpoints/logs: exporting there "
+                         f"would overwrite the run's files; use {run_dir / 'export'} or another directory")
