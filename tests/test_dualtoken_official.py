@@ -214,9 +214,13 @@ def test_config_and_pretrained_folder_are_found_or_asked_for(tmp_path):
     assert res.exit_code == 0, res.output
     report = json.loads(res.stdout)[0]
     assert report["teacher"] == "pretrained:pretrained_model" and report["tensors"] == 332
-    res = runner.invoke(main, ["convert", "toklip", str(lone / "epoch_1.pt"), str(tmp_path / "o2"), "--config",
+    res = runner.invoke(main, ["convert", "toklip", str(lone / "epoch_1.pt"), str(tmp_path / "o2"), "--pretrained",
+                               str(DATA / "small" / "pretrained_model")])
+    assert res.exit_code == 1 and "--pretrained applies to dualtoken, not to toklip" in res.stderr
+    res = runner.invoke(main, ["convert", "mar-kl16", str(lone / "epoch_1.pt"), str(tmp_path / "o3"), "--config",
                                str(config_dir)])
-    assert res.exit_code == 1 and "--config / --pretrained apply to dualtoken" in res.stderr
+    assert res.exit_code == 1 and "--config applies to dualtoken and toklip, not to mar-kl16" in res.stderr
+    assert not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists()
 
 
 def test_official_384_config_builds_the_official_parameter_count_and_the_preset():
