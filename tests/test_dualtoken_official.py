@@ -241,3 +241,23 @@ def test_official_384_config_builds_the_official_parameter_count_and_the_preset(
     books = sum(b.numel() for n, b in tok.named_buffers() if n.endswith("_quantizer.embed"))
     assert books == 2 * 16384 * 32  # the official rows minus the two padding rows
     assert {k: v.shape for k, v in tok.state_dict().items()} == {k: v.shape for k, v in preset.state_dict().items()}
+
+
+def test_destination_that_holds_other_files_is_refused_and_nothing_is_overwritten(tmp_path):
+    folder = tmp_path / "run"
+    shutil.copytree(DATA / "small", folder)
+    before = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+    # DST = the checkpoint's own folder: its official config.json must not be replaced by the release's
+    with pytest.raises(ValueError, match="is not empty and is not an earlier `vistok convert dualtoken` release"):
+        convert_dualtoken(folder / "epoch_1.pt", folder)
+    assert {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} == before
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    res = CliRunner().invoke(main, ["convert", "dualtoken", str(folder / "epoch_1.pt"), str(other)])
+    assert res.exit_code == 1 and "Traceback" not in res.output and "['notes.txt']" in res.stderr
+    assert sorted(p.name for p in other.iterdir()) == ["notes.txt"]
+    # converting again into its own earlier release replaces it
+    for _ in range(2):
+        assert convert_dualtoken(folder / "epoch_1.pt", tmp_path / "out")["tensors"] == 332
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json", "model.safetensors"]

@@ -129,6 +129,31 @@ def unwrap_state_dict(obj: object, keys: Iterable[str] = ("model", "state_dict")
     raise ValueError(f"no state dict found (looked for a flat tensor dict or keys {list(keys)}); found {found}")
 
 
+def check_destination(dst: str | Path, kind: str) -> None:
+    """Refuse a conversion's DST that would overwrite or mix with other files: DST must be new, empty,
+    or a release an earlier `vistok convert KIND` wrote (only config.json and model.safetensors, with
+    `source.kind == kind`), which converting again replaces. Called before anything is read or written."""
+    import json
+
+    dst = Path(dst)
+    if not dst.exists():
+        return
+    if not dst.is_dir():
+        raise ValueError(f"destination {dst} exists and is not a directory; nothing was written")
+    held = sorted(p.name for p in dst.iterdir())
+    if not held:
+        return
+    try:
+        kind_there = json.loads((dst / "config.json").read_text()).get("source", {}).get("kind")
+    except (OSError, ValueError, AttributeError):
+        kind_there = None
+    if set(held) <= {"config.json", "model.safetensors"} and kind_there == kind:
+        return
+    raise ValueError(f"destination {dst} is not empty and is not an earlier `vistok convert {kind}` release "
+                     f"(it holds {held[:5]}{' ...' if len(held) > 5 else ''}); choose a new directory, "
+                     "nothing was written")
+
+
 def strip_prefixes(state_dict: dict[str, torch.Tensor], prefixes: Iterable[str]) -> dict[str, torch.Tensor]:
     """Remove any of `prefixes` from the front of each key, repeatedly (`module.vae.encoder...`)."""
     prefixes = tuple(prefixes)

@@ -39,7 +39,7 @@ from ..tokenizers.base import load_state_dict_strict
 from ..tokenizers.dualtoken import DualTokenTokenizer
 from ..tokenizers.siglip_hf import (clip_config_from_hf, hf_siglip_state_dict_to_vistok, read_hf_config,
                                     read_hf_weights)
-from .checkpoint_io import read_checkpoint, strip_prefixes
+from .checkpoint_io import check_destination, read_checkpoint, strip_prefixes
 
 PROJECTIONS = {"prequant_pix": "pixel_in", "prequant_shortcut": "shortcut_in", "prequant_sem": "semantic_in",
                "postquant_pix": "pixel_out", "postquant_sem": "semantic_out"}
@@ -252,6 +252,7 @@ def convert_dualtoken(src: str | os.PathLike, dst: str | os.PathLike, *, config:
         raise ValueError("convert dualtoken builds the architecture from the official config: drop --preset "
                          "and pass --config")
     src = Path(src)
+    check_destination(dst, "dualtoken")
     ckpt = read_checkpoint(src)
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
         found = sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__

@@ -34,7 +34,7 @@ import torch
 
 from ..tokenizers.base import load_state_dict_strict
 from ..tokenizers.registry import create_tokenizer, get_preset
-from .checkpoint_io import read_checkpoint, strip_prefixes, unwrap_state_dict
+from .checkpoint_io import check_destination, read_checkpoint, strip_prefixes, unwrap_state_dict
 
 RULES = (("visual.trunk.vq_table.", "vq_table."), ("visual.trunk.vq_mapping.", "vq_mapping."),
          ("visual.trunk.vq.", "vq."), ("visual.", "siglip.visual."), ("text.", "siglip.text."),
@@ -112,6 +112,7 @@ def convert_toklip(src: str | Path, dst: str | Path, *, preset: Optional[str] = 
     """Convert a TokLIP checkpoint `src` into the release directory `dst`; returns a report (preset
     or "config", tensors read, parameters, the keys filled from initialisation, destination).
     `config`: TokLIP's model-config JSON, needed for a geometry without a preset; `preset` overrides."""
+    check_destination(dst, "toklip")
     sd = strip_prefixes(unwrap_state_dict(read_checkpoint(src)), ["module."])
     mapped, unplaced = map_toklip_keys(sd)
     if unplaced:
