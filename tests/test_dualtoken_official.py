@@ -3,6 +3,7 @@ converted by `vistok convert dualtoken`, reproduce its eval outputs, one trainin
 restart rules. The reference outputs were computed by the official code (tests/data/dualtoken_official/README.md)."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -261,3 +262,29 @@ def test_destination_that_holds_other_files_is_refused_and_nothing_is_overwritte
     for _ in range(2):
         assert convert_dualtoken(folder / "epoch_1.pt", tmp_path / "out")["tensors"] == 332
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json", "model.safetensors"]
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda c: c.pop("ddconfig"), "lacks ddconfig"),
+    (lambda c: c.update(ddconfig=None), "has null for ddconfig"),
+    (lambda c: c.pop("layer_recon"), "lacks layer_recon"),
+    (lambda c: c.update(layer_sem="26"), "has \"26\" for layer_sem"),
+    (lambda c: c.update(vq_pix=[1]), r"has \[1\] for vq_pix"),
+    (lambda c: c["vq_sem"].pop("code_shape"), "lacks vq_sem.code_shape"),
+    (lambda c: c["vq_pix"].update(latent_shape=[4, 4]), r"vq_pix.latent_shape \[4, 4\] is not \[height, width, depth\]"),
+    (lambda c: c["ddconfig"].pop("decoder_in_channels"), "lacks ddconfig.decoder_in_channels"),
+])
+def test_config_missing_or_mistyped_field_is_named(tmp_path, edit, message):
+    src = _with_config(tmp_path, edit)
+    res = CliRunner().invoke(main, ["convert", "dualtoken", str(src), str(tmp_path / "out")])
+    assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+    errors = [line for line in res.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and re.search(message, errors[0]), res.output
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", "null", "3"])
+def test_config_that_is_not_a_json_object_is_refused(tmp_path, text):
+    (tmp_path / "config.json").write_text(text)
+    with pytest.raises(ValueError, match="is not an official DualToken model config: it holds .* not a JSON object"):
+        convert_dualtoken(DATA / "small" / "epoch_1.pt", tmp_path / "out", config=tmp_path)

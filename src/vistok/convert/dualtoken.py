@@ -74,12 +74,43 @@ def read_official_config(path: Path) -> dict:
         cfg = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path} is not an official DualToken model config: it holds {json.dumps(cfg)[:40]}, "
+                         "not a JSON object")
     if isinstance(cfg.get("rqvaesiglip"), dict):
-        return cfg["rqvaesiglip"]
+        return _checked(cfg["rqvaesiglip"], path)
     if cfg.get("model_type") == "rqvaesiglip_model" or "vq_pix" in cfg:
-        return cfg
+        return _checked(cfg, path)
     raise ValueError(f"{path} is not an official DualToken model config: it has neither an 'rqvaesiglip' "
                      f"section nor the RQVAESiglip fields (model_type {cfg.get('model_type')!r})")
+
+
+# the fields dualtoken_args reads, with their JSON types (None: may be null)
+REQUIRED = {"layer_recon": (int,), "layer_sem": (int,), "ddconfig": (dict,), "vq_pix": (dict,), "vq_sem": (dict,)}
+REQUIRED_DD = {"ch": (int,), "ch_mult": (list,), "num_res_blocks": (int,), "attn_resolutions": (list,),
+               "decoder_in_channels": (int,)}
+REQUIRED_VQ = {"code_shape": (list,), "latent_shape": (list,), "embed_dim": (int,), "n_embed": (int,),
+               "decay": (float, int)}
+
+
+def _checked(cfg: dict, path: Path) -> dict:
+    """The rqvaesiglip section, once every field `dualtoken_args` reads is there with its JSON type."""
+    def check(section: dict, fields: dict, where: str) -> None:
+        for field, types in fields.items():
+            value = section.get(field)
+            if value is None or isinstance(value, bool) or not isinstance(value, types):
+                what = "lacks" if field not in section else f"has {json.dumps(value)} for"
+                raise ValueError(f"{path}: the rqvaesiglip section {what} {where}{field} (expected a JSON "
+                                 f"{ {dict: 'object', list: 'list', int: 'integer', float: 'number'}[types[0]]})")
+
+    check(cfg, REQUIRED, "")
+    check(cfg["ddconfig"], REQUIRED_DD, "ddconfig.")
+    for branch in ("vq_pix", "vq_sem"):
+        check(cfg[branch], REQUIRED_VQ, f"{branch}.")
+        for field in ("code_shape", "latent_shape"):
+            if len(cfg[branch][field]) != 3:
+                raise ValueError(f"{path}: {branch}.{field} {cfg[branch][field]} is not [height, width, depth]")
+    return cfg
 
 
 def find_pretrained(cfg: dict, config_path: Path, pretrained: Optional[str | os.PathLike]) -> Path:
