@@ -290,3 +290,11 @@ def test_config_that_is_not_a_json_object_is_refused(tmp_path, text):
     (tmp_path / "config.json").write_text(text)
     with pytest.raises(ValueError, match="is not an official DualToken model config: it holds .* not a JSON object"):
         convert_dualtoken(DATA / "small" / "epoch_1.pt", tmp_path / "out", config=tmp_path)
+
+
+def test_pretrained_folder_of_another_geometry_is_named(tmp_path):
+    # the tiny HF SigLIP folder is a 32 px tower; the small official model decodes 16 px
+    with pytest.raises(ValueError, match=r"with the SigLIP tower of .*hf_siglip/siglip/config.json does not build "
+                                         r"a DualToken: decoder output 16 px"):
+        convert_dualtoken(DATA / "small" / "epoch_1.pt", tmp_path / "out", pretrained=DATA.parent / "hf_siglip" / "siglip")
+    assert not (tmp_path / "out").exists()

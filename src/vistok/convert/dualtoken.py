@@ -299,7 +299,11 @@ def convert_dualtoken(src: str | os.PathLike, dst: str | os.PathLike, *, config:
         mapped, dropped, unplaced = map_official_state(state, args)
     except ValueError as exc:  # the tower mapping names its missing / unknown keys
         raise ValueError(f"{src}: {exc}") from None
-    tok = DualTokenTokenizer(**args, with_teacher=True)
+    try:
+        tok = DualTokenTokenizer(**args, with_teacher=True)
+    except ValueError as exc:  # e.g. a --pretrained folder of another geometry than the config's decoder
+        raise ValueError(f"{config_path} with the SigLIP tower of {folder / 'config.json'} does not build a "
+                         f"DualToken: {exc}") from None
     teacher, teacher_source = _teacher_state(folder, mapped)
     mapped.update(teacher)
     _check_fits(src, tok, mapped, unplaced)
