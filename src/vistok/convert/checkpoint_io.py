@@ -12,14 +12,19 @@ import torch
 
 # NumPy renamed `numpy.core` to `numpy._core` in 2.0; pickles name the module that wrote them
 _NUMPY_SCALAR_NAMES = ("numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar")
-_NUMPY_DTYPE_CODES = "?bhilqpBHILQPefdgFDGSUmM"  # plain-data dtypes; never object ("O") or structured ("V")
+# fixed-size numeric dtypes only. Their __setstate__ ignores a pickle's itemsize and flags; that of the
+# flexible ones (bytes "S", str "U", void "V") and of datetime/timedelta ("M", "m") accepts a crafted
+# itemsize with the item-is-pointer flag, and `scalar` then reads out of bounds (a segfault)
+_NUMPY_DTYPE_CODES = "?bhilqpBHILQPefdgFDG"
 _STATE_DICT_KEYS = ("state_dict", "model", "ema", "module")
 
 
 def numpy_plain_globals() -> list:
-    """The NumPy globals a pickled NumPy scalar needs (`scalar`, `dtype` and the dtype classes), under
-    both the NumPy-1 and the NumPy-2 module names. Reconstructing them copies bytes into a scalar and
-    runs no other code."""
+    """The NumPy globals a pickled NumPy scalar needs (`scalar`, `dtype` and the numeric dtype
+    classes), under both the NumPy-1 and the NumPy-2 module names. Reconstructing them copies bytes
+    into a scalar and runs no other code. Bytes, str, void and datetime dtypes are not allowed: a
+    pickle can rebuild one (its __setstate__ is what unpickling calls) that makes `scalar` read out of
+    bounds."""
     import numpy as np
 
     try:
@@ -69,7 +74,8 @@ def _refusal_message(path: Path, exc: Exception) -> str:
     except Exception:  # legacy (non-zip) files cannot be scanned statically
         refused = []
     if not refused:
-        lines = [line.strip() for line in str(exc).splitlines() if "GLOBAL" in line or "Unsupported" in line]
+        lines = [line.strip() for line in str(exc).splitlines()
+                 if "GLOBAL" in line or "Unsupported" in line or "Can only build" in line]
         refused = lines[:1] or [str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__]
     keys = top_level_keys(path)
     key = next((k for k in _STATE_DICT_KEYS if k in keys), None)
