@@ -298,3 +298,15 @@ def test_pretrained_folder_of_another_geometry_is_named(tmp_path):
                                          r"a DualToken: decoder output 16 px"):
         convert_dualtoken(DATA / "small" / "epoch_1.pt", tmp_path / "out", pretrained=DATA.parent / "hf_siglip" / "siglip")
     assert not (tmp_path / "out").exists()
+
+
+def test_misshaped_codebook_of_one_depth_is_named(tmp_path):
+    folder = tmp_path / "medium"  # one codebook per depth
+    shutil.copytree(DATA / "medium", folder)
+    ckpt = torch.load(folder / "epoch_1.pt", weights_only=True)
+    ckpt["state_dict"]["quantizer_pix.codebooks.1.embed_ema"] = torch.zeros(5, 8)
+    torch.save(ckpt, folder / "epoch_1.pt")
+    res = CliRunner().invoke(main, ["convert", "dualtoken", str(folder / "epoch_1.pt"), str(tmp_path / "out")])
+    assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+    assert "mis-shaped: quantizer_pix.codebooks.1.embed_ema (5, 8) vs" in res.stderr, res.output
+    assert not (tmp_path / "out").exists()

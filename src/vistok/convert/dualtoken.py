@@ -49,6 +49,7 @@ PROJECTION_PARTS = {"norm1": "attn_norm", "norm3": "linear_norm", "norm2": "mlp_
                     "mlp.w2": "mlp.out"}
 SCHEDULES = {"rq": "per_depth", "rq_ema": "per_step"}
 QUANTIZERS = {"quantizer_pix": "pixel_quantizer", "quantizer_sem": "semantic_quantizer"}
+OFFICIAL_BUFFERS = {"embed": "weight[:-1]", "embed_avg": "embed_ema", "cluster_size": "cluster_size_ema"}
 # vistok-only quantizer bookkeeping (usage statistics, step counters): fresh values in a converted release
 VISTOK_ONLY = re.compile(r"(pixel|semantic)_quantizer\.(steps_unused|last_used|last_counts|step|restarts_total|"
                          r"restarts_last|initted|dead_last)$")
@@ -219,6 +220,12 @@ def _codebooks(state: dict, official: str, ours: str, shared: bool, depth: int, 
         dropped.append(f"{names['weight']}[{weight.shape[0] - 1}] (padding row)")
     if any(len(v) != books for v in out.values()):
         return {}
+    for k, tensors in out.items():  # one codebook per depth: all depths must agree before stacking
+        odd = [f"{official}.codebooks.{i}.{OFFICIAL_BUFFERS[k]} {tuple(t.shape)}" for i, t in enumerate(tensors)
+               if t.shape != tensors[0].shape]
+        if odd:
+            raise ValueError(f"mis-shaped: {', '.join(odd)} vs {tuple(tensors[0].shape)} at "
+                             f"{official}.codebooks.0 (codebooks of one quantizer share a shape)")
     return {f"{ours}.{k}": torch.stack(v) for k, v in out.items()}
 
 
