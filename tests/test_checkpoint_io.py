@@ -96,3 +96,12 @@ except ValueError as exc:
     out = subprocess.run([sys.executable, "-c", reader], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, f"reader crashed (exit {out.returncode}): {out.stderr[-500:]}"
     assert out.stdout.startswith("refused:") and "BytesDType" in out.stdout, out.stdout
+
+
+def test_truncated_checkpoint_says_it_may_be_truncated(tmp_path):
+    torch.save({"state_dict": {"w": torch.zeros(64, 64)}}, tmp_path / "full.pt")
+    data = (tmp_path / "full.pt").read_bytes()
+    for n in (100, 5000, len(data) - 10):
+        (tmp_path / "cut.pt").write_bytes(data[:n])
+        with pytest.raises(ValueError, match=r"cannot read checkpoint .*cut\.pt \(truncated or damaged\?\)"):
+            read_checkpoint(tmp_path / "cut.pt")

@@ -63,8 +63,8 @@ def read_checkpoint(path: str | Path, *, allowed_globals: Sequence = ()) -> obje
             return torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:
             raise ValueError(_refusal_message(path, exc)) from None
-        except (RuntimeError, EOFError, OSError) as exc:
-            raise ValueError(f"cannot read checkpoint {path}: {exc}") from None
+        except (RuntimeError, EOFError, OSError) as exc:  # e.g. "[Errno 22] Invalid argument" for a cut zip
+            raise ValueError(f"cannot read checkpoint {path} (truncated or damaged?): {exc}") from None
 
 
 def _refusal_message(path: Path, exc: Exception) -> str:
