@@ -310,3 +310,9 @@ def test_misshaped_codebook_of_one_depth_is_named(tmp_path):
     assert res.exit_code == 1 and "Traceback" not in res.output, res.output
     assert "mis-shaped: quantizer_pix.codebooks.1.embed_ema (5, 8) vs" in res.stderr, res.output
     assert not (tmp_path / "out").exists()
+
+
+def test_pretrained_option_without_config_json_is_named_as_the_option(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"^--pretrained .*empty has no config.json"):
+        convert_dualtoken(DATA / "small" / "epoch_1.pt", tmp_path / "out", pretrained=tmp_path / "empty")

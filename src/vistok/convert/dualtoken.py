@@ -127,6 +127,9 @@ def find_pretrained(cfg: dict, config_path: Path, pretrained: Optional[str | os.
     for path in candidates:
         if (path / "config.json").is_file():
             return path
+    if pretrained is not None:
+        raise FileNotFoundError(f"--pretrained {pretrained} has no config.json: it must be the HF SigLIP folder "
+                                "(its config.json gives the tower geometry)")
     raise FileNotFoundError(f"HF SigLIP folder {candidates[0]} (the model config's pretrained_model) has no config.json "
                             "here: pass --pretrained with the local folder (its config.json gives the tower geometry)")
 
