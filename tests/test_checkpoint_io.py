@@ -62,3 +62,46 @@ def test_top_level_keys_of_non_zip_or_non_mapping_files_are_empty(tmp_path):
     torch.save([torch.zeros(1)], tmp_path / "list.pt")
     (tmp_path / "junk.pt").write_bytes(b"not a zip")
     assert top_level_keys(tmp_path / "list.pt") == [] and top_level_keys(tmp_path / "junk.pt") == []
+
+
+def test_crafted_numpy_dtype_state_is_refused_not_read_out_of_bounds(tmp_path):
+    """A bytes dtype whose pickled state claims a 1 MiB item behind the item-is-pointer flag makes
+    NumPy's `scalar` read out of bounds (a segfault); such dtypes are not allowed. Read in a child
+    process, so that a crash fails this test instead of ending the run."""
+    import subprocess
+    import sys
+
+    src = tmp_path / "crafted.pt"
+    writer = f"""
+import numpy as np, torch
+try:
+    from numpy._core.multiarray import scalar
+except ImportError:
+    from numpy.core.multiarray import scalar
+d = np.dtype("S8")
+d.__setstate__((3, "|", None, None, None, 1 << 20, 1, 4))   # itemsize 1 MiB, NPY_ITEM_IS_POINTER
+class R:
+    def __reduce__(self):
+        return scalar, (d, b"A" * (1 << 20))
+torch.save({{"state_dict": {{"w": torch.zeros(1)}}, "lr": R()}}, {str(src)!r})
+"""
+    subprocess.run([sys.executable, "-c", writer], check=True)
+    reader = f"""
+from vistok.convert.checkpoint_io import read_checkpoint
+try:
+    read_checkpoint({str(src)!r})
+except ValueError as exc:
+    print("refused:", exc)
+"""
+    out = subprocess.run([sys.executable, "-c", reader], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, f"reader crashed (exit {out.returncode}): {out.stderr[-500:]}"
+    assert out.stdout.startswith("refused:") and "BytesDType" in out.stdout, out.stdout
+
+
+def test_truncated_checkpoint_says_it_may_be_truncated(tmp_path):
+    torch.save({"state_dict": {"w": torch.zeros(64, 64)}}, tmp_path / "full.pt")
+    data = (tmp_path / "full.pt").read_bytes()
+    for n in (100, 5000, len(data) - 10):
+        (tmp_path / "cut.pt").write_bytes(data[:n])
+        with pytest.raises(ValueError, match=r"cannot read checkpoint .*cut\.pt \(truncated or damaged\?\)"):
+            read_checkpoint(tmp_path / "cut.pt")

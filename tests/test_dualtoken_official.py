@@ -3,6 +3,7 @@ converted by `vistok convert dualtoken`, reproduce its eval outputs, one trainin
 restart rules. The reference outputs were computed by the official code (tests/data/dualtoken_official/README.md)."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -245,3 +246,75 @@ def test_official_384_config_builds_the_official_parameter_count_and_the_preset(
     books = sum(b.numel() for n, b in tok.named_buffers() if n.endswith("_quantizer.embed"))
     assert books == 2 * 16384 * 32  # the official rows minus the two padding rows
     assert {k: v.shape for k, v in tok.state_dict().items()} == {k: v.shape for k, v in preset.state_dict().items()}
+
+
+def test_destination_that_holds_other_files_is_refused_and_nothing_is_overwritten(tmp_path):
+    folder = tmp_path / "run"
+    shutil.copytree(DATA / "small", folder)
+    before = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+    # DST = the checkpoint's own folder: its official config.json must not be replaced by the release's
+    with pytest.raises(ValueError, match="is not empty and is not an earlier `vistok convert dualtoken` release"):
+        convert_dualtoken(folder / "epoch_1.pt", folder)
+    assert {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} == before
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    res = CliRunner().invoke(main, ["convert", "dualtoken", str(folder / "epoch_1.pt"), str(other)])
+    assert res.exit_code == 1 and "Traceback" not in res.output and "['notes.txt']" in res.stderr
+    assert sorted(p.name for p in other.iterdir()) == ["notes.txt"]
+    # converting again into its own earlier release replaces it
+    for _ in range(2):
+        assert convert_dualtoken(folder / "epoch_1.pt", tmp_path / "out")["tensors"] == 332
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json", "model.safetensors"]
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda c: c.pop("ddconfig"), "lacks ddconfig"),
+    (lambda c: c.update(ddconfig=None), "has null for ddconfig"),
+    (lambda c: c.pop("layer_recon"), "lacks layer_recon"),
+    (lambda c: c.update(layer_sem="26"), "has \"26\" for layer_sem"),
+    (lambda c: c.update(vq_pix=[1]), r"has \[1\] for vq_pix"),
+    (lambda c: c["vq_sem"].pop("code_shape"), "lacks vq_sem.code_shape"),
+    (lambda c: c["vq_pix"].update(latent_shape=[4, 4]), r"vq_pix.latent_shape \[4, 4\] is not \[height, width, depth\]"),
+    (lambda c: c["ddconfig"].pop("decoder_in_channels"), "lacks ddconfig.decoder_in_channels"),
+])
+def test_config_missing_or_mistyped_field_is_named(tmp_path, edit, message):
+    src = _with_config(tmp_path, edit)
+    res = CliRunner().invoke(main, ["convert", "dualtoken", str(src), str(tmp_path / "out")])
+    assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+    errors = [line for line in res.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and re.search(message, errors[0]), res.output
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", "null", "3"])
+def test_config_that_is_not_a_json_object_is_refused(tmp_path, text):
+    (tmp_path / "config.json").write_text(text)
+    with pytest.raises(ValueError, match="is not an official DualToken model config: it holds .* not a JSON object"):
+        convert_dualtoken(DATA / "small" / "epoch_1.pt", tmp_path / "out", config=tmp_path)
+
+
+def test_pretrained_folder_of_another_geometry_is_named(tmp_path):
+    # the tiny HF SigLIP folder is a 32 px tower; the small official model decodes 16 px
+    with pytest.raises(ValueError, match=r"with the SigLIP tower of .*hf_siglip/siglip/config.json does not build "
+                                         r"a DualToken: decoder output 16 px"):
+        convert_dualtoken(DATA / "small" / "epoch_1.pt", tmp_path / "out", pretrained=DATA.parent / "hf_siglip" / "siglip")
+    assert not (tmp_path / "out").exists()
+
+
+def test_misshaped_codebook_of_one_depth_is_named(tmp_path):
+    folder = tmp_path / "medium"  # one codebook per depth
+    shutil.copytree(DATA / "medium", folder)
+    ckpt = torch.load(folder / "epoch_1.pt", weights_only=True)
+    ckpt["state_dict"]["quantizer_pix.codebooks.1.embed_ema"] = torch.zeros(5, 8)
+    torch.save(ckpt, folder / "epoch_1.pt")
+    res = CliRunner().invoke(main, ["convert", "dualtoken", str(folder / "epoch_1.pt"), str(tmp_path / "out")])
+    assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+    assert "mis-shaped: quantizer_pix.codebooks.1.embed_ema (5, 8) vs" in res.stderr, res.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_pretrained_option_without_config_json_is_named_as_the_option(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"^--pretrained .*empty has no config.json"):
+        convert_dualtoken(DATA / "small" / "epoch_1.pt", tmp_path / "out", pretrained=tmp_path / "empty")

@@ -104,6 +104,11 @@ def test_vision_only_config_builds_without_text():
     ("vision_config", "num_attention_heads", 5, "not divisible by num_attention_heads 5"),
     ("text_config", "projection_size", 16, "projection_size 16"),
     (None, "model_type", "clip", "model_type 'clip' is not a SigLIP model"),
+    (None, "vision_config", None, "vision_config is null, not a JSON object"),
+    (None, "text_config", 3, "text_config is 3, not a JSON object"),
+    ("vision_config", "hidden_size", "32", 'vision_config.hidden_size is "32"; expected a positive integer'),
+    ("text_config", "num_attention_heads", None, "text_config.num_attention_heads is null; expected a positive integer"),
+    ("vision_config", "patch_size", 0, "vision_config.patch_size is 0; expected a positive integer"),
 ])
 def test_unsupported_config_names_the_field(section, field, value, message):
     config = read_hf_config(HF / "siglip")
@@ -156,6 +161,17 @@ def test_folder_without_safetensors_is_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "siglip"})[:-1])
     with pytest.raises(ValueError, match="not valid JSON"):
         read_hf_config(tmp_path)
+
+
+def test_damaged_safetensors_or_index_is_a_value_error_naming_the_file(tmp_path):
+    shutil.copy(HF / "siglip" / "config.json", tmp_path / "config.json")
+    (tmp_path / "model.safetensors").write_bytes((HF / "siglip" / "model.safetensors").read_bytes()[:3000])
+    with pytest.raises(ValueError, match=r"cannot read .*model\.safetensors"):
+        load_hf_siglip_folder(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    (tmp_path / "model.safetensors.index.json").write_text("[]")
+    with pytest.raises(ValueError, match="is not a safetensors index"):
+        load_hf_siglip_folder(tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------- DualToken

@@ -4,6 +4,7 @@ from TokLIP's model-config JSON, and the converted release, reloaded in a fresh 
 the official token features, pooled and text embeddings."""
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -165,3 +166,22 @@ def test_model_config_known_trunks_pick_presets_and_bad_configs_are_named():
         toklip_args_from_model_config(cfg)
     with pytest.raises(ValueError, match="cannot read the TokLIP model config"):
         toklip_args_from_model_config("/nonexistent/model.json")
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda c: [1, 2], r"is a JSON object, not \[1, 2\]"),
+    (lambda c: None, "is a JSON object, not null"),
+    (lambda c: c["vision_cfg"].update(width=None) or c, "vision_cfg.width is null"),
+    (lambda c: c["vision_cfg"].update(width="abc") or c, "vision_cfg.width is \"abc\""),
+    (lambda c: c["vision_cfg"].update(head_width=0) or c, "vision_cfg.head_width is 0"),
+    (lambda c: c["text_cfg"].update(foo=1) or c, "cannot build the TokLIP model .* unexpected keyword argument 'foo'"),
+])
+def test_bad_model_config_is_one_line_naming_the_problem(official_file, tmp_path, edit, message):
+    config = edit(json.loads(CONFIG.read_text()))
+    (tmp_path / "model.json").write_text(json.dumps(config))
+    res = CliRunner().invoke(main, ["convert", "toklip", str(official_file), str(tmp_path / "out"),
+                                    "--config", str(tmp_path / "model.json")])
+    assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+    errors = [line for line in res.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and re.search(message, errors[0]), res.output
+    assert not (tmp_path / "out").exists()

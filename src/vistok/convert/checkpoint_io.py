@@ -12,14 +12,19 @@ import torch
 
 # NumPy renamed `numpy.core` to `numpy._core` in 2.0; pickles name the module that wrote them
 _NUMPY_SCALAR_NAMES = ("numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar")
-_NUMPY_DTYPE_CODES = "?bhilqpBHILQPefdgFDGSUmM"  # plain-data dtypes; never object ("O") or structured ("V")
+# fixed-size numeric dtypes only. Their __setstate__ ignores a pickle's itemsize and flags; that of the
+# flexible ones (bytes "S", str "U", void "V") and of datetime/timedelta ("M", "m") accepts a crafted
+# itemsize with the item-is-pointer flag, and `scalar` then reads out of bounds (a segfault)
+_NUMPY_DTYPE_CODES = "?bhilqpBHILQPefdgFDG"
 _STATE_DICT_KEYS = ("state_dict", "model", "ema", "module")
 
 
 def numpy_plain_globals() -> list:
-    """The NumPy globals a pickled NumPy scalar needs (`scalar`, `dtype` and the dtype classes), under
-    both the NumPy-1 and the NumPy-2 module names. Reconstructing them copies bytes into a scalar and
-    runs no other code."""
+    """The NumPy globals a pickled NumPy scalar needs (`scalar`, `dtype` and the numeric dtype
+    classes), under both the NumPy-1 and the NumPy-2 module names. Reconstructing them copies bytes
+    into a scalar and runs no other code. Bytes, str, void and datetime dtypes are not allowed: a
+    pickle can rebuild one (its __setstate__ is what unpickling calls) that makes `scalar` read out of
+    bounds."""
     import numpy as np
 
     try:
@@ -58,8 +63,8 @@ def read_checkpoint(path: str | Path, *, allowed_globals: Sequence = ()) -> obje
             return torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:
             raise ValueError(_refusal_message(path, exc)) from None
-        except (RuntimeError, EOFError, OSError) as exc:
-            raise ValueError(f"cannot read checkpoint {path}: {exc}") from None
+        except (RuntimeError, EOFError, OSError) as exc:  # e.g. "[Errno 22] Invalid argument" for a cut zip
+            raise ValueError(f"cannot read checkpoint {path} (truncated or damaged?): {exc}") from None
 
 
 def _refusal_message(path: Path, exc: Exception) -> str:
@@ -69,7 +74,8 @@ def _refusal_message(path: Path, exc: Exception) -> str:
     except Exception:  # legacy (non-zip) files cannot be scanned statically
         refused = []
     if not refused:
-        lines = [line.strip() for line in str(exc).splitlines() if "GLOBAL" in line or "Unsupported" in line]
+        lines = [line.strip() for line in str(exc).splitlines()
+                 if "GLOBAL" in line or "Unsupported" in line or "Can only build" in line]
         refused = lines[:1] or [str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__]
     keys = top_level_keys(path)
     key = next((k for k in _STATE_DICT_KEYS if k in keys), None)
@@ -127,6 +133,31 @@ def unwrap_state_dict(obj: object, keys: Iterable[str] = ("model", "state_dict")
         break
     found = sorted(obj)[:10] if isinstance(obj, Mapping) else type(obj).__name__
     raise ValueError(f"no state dict found (looked for a flat tensor dict or keys {list(keys)}); found {found}")
+
+
+def check_destination(dst: str | Path, kind: str) -> None:
+    """Refuse a conversion's DST that would overwrite or mix with other files: DST must be new, empty,
+    or a release an earlier `vistok convert KIND` wrote (only config.json and model.safetensors, with
+    `source.kind == kind`), which converting again replaces. Called before anything is read or written."""
+    import json
+
+    dst = Path(dst)
+    if not dst.exists():
+        return
+    if not dst.is_dir():
+        raise ValueError(f"destination {dst} exists and is not a directory; nothing was written")
+    held = sorted(p.name for p in dst.iterdir())
+    if not held:
+        return
+    try:
+        kind_there = json.loads((dst / "config.json").read_text()).get("source", {}).get("kind")
+    except (OSError, ValueError, AttributeError):
+        kind_there = None
+    if set(held) <= {"config.json", "model.safetensors"} and kind_there == kind:
+        return
+    raise ValueError(f"destination {dst} is not empty and is not an earlier `vistok convert {kind}` release "
+                     f"(it holds {held[:5]}{' ...' if len(held) > 5 else ''}); choose a new directory, "
+                     "nothing was written")
 
 
 def strip_prefixes(state_dict: dict[str, torch.Tensor], prefixes: Iterable[str]) -> dict[str, torch.Tensor]:

@@ -39,7 +39,7 @@ from ..tokenizers.base import load_state_dict_strict
 from ..tokenizers.dualtoken import DualTokenTokenizer
 from ..tokenizers.siglip_hf import (clip_config_from_hf, hf_siglip_state_dict_to_vistok, read_hf_config,
                                     read_hf_weights)
-from .checkpoint_io import read_checkpoint, strip_prefixes
+from .checkpoint_io import check_destination, read_checkpoint, strip_prefixes
 
 PROJECTIONS = {"prequant_pix": "pixel_in", "prequant_shortcut": "shortcut_in", "prequant_sem": "semantic_in",
                "postquant_pix": "pixel_out", "postquant_sem": "semantic_out"}
@@ -49,6 +49,7 @@ PROJECTION_PARTS = {"norm1": "attn_norm", "norm3": "linear_norm", "norm2": "mlp_
                     "mlp.w2": "mlp.out"}
 SCHEDULES = {"rq": "per_depth", "rq_ema": "per_step"}
 QUANTIZERS = {"quantizer_pix": "pixel_quantizer", "quantizer_sem": "semantic_quantizer"}
+OFFICIAL_BUFFERS = {"embed": "weight[:-1]", "embed_avg": "embed_ema", "cluster_size": "cluster_size_ema"}
 # vistok-only quantizer bookkeeping (usage statistics, step counters): fresh values in a converted release
 VISTOK_ONLY = re.compile(r"(pixel|semantic)_quantizer\.(steps_unused|last_used|last_counts|step|restarts_total|"
                          r"restarts_last|initted|dead_last)$")
@@ -74,12 +75,43 @@ def read_official_config(path: Path) -> dict:
         cfg = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path} is not an official DualToken model config: it holds {json.dumps(cfg)[:40]}, "
+                         "not a JSON object")
     if isinstance(cfg.get("rqvaesiglip"), dict):
-        return cfg["rqvaesiglip"]
+        return _checked(cfg["rqvaesiglip"], path)
     if cfg.get("model_type") == "rqvaesiglip_model" or "vq_pix" in cfg:
-        return cfg
+        return _checked(cfg, path)
     raise ValueError(f"{path} is not an official DualToken model config: it has neither an 'rqvaesiglip' "
                      f"section nor the RQVAESiglip fields (model_type {cfg.get('model_type')!r})")
+
+
+# the fields dualtoken_args reads, with their JSON types (None: may be null)
+REQUIRED = {"layer_recon": (int,), "layer_sem": (int,), "ddconfig": (dict,), "vq_pix": (dict,), "vq_sem": (dict,)}
+REQUIRED_DD = {"ch": (int,), "ch_mult": (list,), "num_res_blocks": (int,), "attn_resolutions": (list,),
+               "decoder_in_channels": (int,)}
+REQUIRED_VQ = {"code_shape": (list,), "latent_shape": (list,), "embed_dim": (int,), "n_embed": (int,),
+               "decay": (float, int)}
+
+
+def _checked(cfg: dict, path: Path) -> dict:
+    """The rqvaesiglip section, once every field `dualtoken_args` reads is there with its JSON type."""
+    def check(section: dict, fields: dict, where: str) -> None:
+        for field, types in fields.items():
+            value = section.get(field)
+            if value is None or isinstance(value, bool) or not isinstance(value, types):
+                what = "lacks" if field not in section else f"has {json.dumps(value)} for"
+                raise ValueError(f"{path}: the rqvaesiglip section {what} {where}{field} (expected a JSON "
+                                 f"{ {dict: 'object', list: 'list', int: 'integer', float: 'number'}[types[0]]})")
+
+    check(cfg, REQUIRED, "")
+    check(cfg["ddconfig"], REQUIRED_DD, "ddconfig.")
+    for branch in ("vq_pix", "vq_sem"):
+        check(cfg[branch], REQUIRED_VQ, f"{branch}.")
+        for field in ("code_shape", "latent_shape"):
+            if len(cfg[branch][field]) != 3:
+                raise ValueError(f"{path}: {branch}.{field} {cfg[branch][field]} is not [height, width, depth]")
+    return cfg
 
 
 def find_pretrained(cfg: dict, config_path: Path, pretrained: Optional[str | os.PathLike]) -> Path:
@@ -95,6 +127,9 @@ def find_pretrained(cfg: dict, config_path: Path, pretrained: Optional[str | os.
     for path in candidates:
         if (path / "config.json").is_file():
             return path
+    if pretrained is not None:
+        raise FileNotFoundError(f"--pretrained {pretrained} has no config.json: it must be the HF SigLIP folder "
+                                "(its config.json gives the tower geometry)")
     raise FileNotFoundError(f"HF SigLIP folder {candidates[0]} (the model config's pretrained_model) has no config.json "
                             "here: pass --pretrained with the local folder (its config.json gives the tower geometry)")
 
@@ -188,6 +223,12 @@ def _codebooks(state: dict, official: str, ours: str, shared: bool, depth: int, 
         dropped.append(f"{names['weight']}[{weight.shape[0] - 1}] (padding row)")
     if any(len(v) != books for v in out.values()):
         return {}
+    for k, tensors in out.items():  # one codebook per depth: all depths must agree before stacking
+        odd = [f"{official}.codebooks.{i}.{OFFICIAL_BUFFERS[k]} {tuple(t.shape)}" for i, t in enumerate(tensors)
+               if t.shape != tensors[0].shape]
+        if odd:
+            raise ValueError(f"mis-shaped: {', '.join(odd)} vs {tuple(tensors[0].shape)} at "
+                             f"{official}.codebooks.0 (codebooks of one quantizer share a shape)")
     return {f"{ours}.{k}": torch.stack(v) for k, v in out.items()}
 
 
@@ -252,6 +293,7 @@ def convert_dualtoken(src: str | os.PathLike, dst: str | os.PathLike, *, config:
         raise ValueError("convert dualtoken builds the architecture from the official config: drop --preset "
                          "and pass --config")
     src = Path(src)
+    check_destination(dst, "dualtoken")
     ckpt = read_checkpoint(src)
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
         found = sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
@@ -267,7 +309,11 @@ def convert_dualtoken(src: str | os.PathLike, dst: str | os.PathLike, *, config:
         mapped, dropped, unplaced = map_official_state(state, args)
     except ValueError as exc:  # the tower mapping names its missing / unknown keys
         raise ValueError(f"{src}: {exc}") from None
-    tok = DualTokenTokenizer(**args, with_teacher=True)
+    try:
+        tok = DualTokenTokenizer(**args, with_teacher=True)
+    except ValueError as exc:  # e.g. a --pretrained folder of another geometry than the config's decoder
+        raise ValueError(f"{config_path} with the SigLIP tower of {folder / 'config.json'} does not build a "
+                         f"DualToken: {exc}") from None
     teacher, teacher_source = _teacher_state(folder, mapped)
     mapped.update(teacher)
     _check_fits(src, tok, mapped, unplaced)

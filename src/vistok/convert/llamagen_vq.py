@@ -12,12 +12,13 @@ from typing import Optional
 
 from ..tokenizers.base import load_state_dict_strict
 from ..tokenizers.registry import create_tokenizer
-from .checkpoint_io import read_checkpoint, strip_prefixes, unwrap_state_dict
+from .checkpoint_io import check_destination, read_checkpoint, strip_prefixes, unwrap_state_dict
 
 
 def convert_llamagen_vq(src: str | Path, dst: str | Path, *, preset: Optional[str] = None) -> dict:
     import argparse
 
+    check_destination(dst, "llamagen-vq16")
     raw = read_checkpoint(src, allowed_globals=[argparse.Namespace])  # training files carry `args`
     sd = strip_prefixes(unwrap_state_dict(raw, keys=("ema", "model", "state_dict")), ["module."])
     preset = preset or "llamagen-vq16"

@@ -9,7 +9,7 @@ import torch
 
 from ..tokenizers.base import load_state_dict_strict
 from ..tokenizers.registry import create_tokenizer
-from .checkpoint_io import read_checkpoint, strip_prefixes, unwrap_state_dict
+from .checkpoint_io import check_destination, read_checkpoint, strip_prefixes, unwrap_state_dict
 
 KL_PREFIXES = ("module.", "first_stage_model.", "vae.")
 
@@ -31,6 +31,7 @@ def convert_mar_kl16(src: str | Path, dst: str | Path, *, preset: Optional[str] 
     """Convert and write a release directory; returns a report (preset, tensors, parameters).
     `preset` overrides the detected architecture (e.g. for a custom-size KL VAE); `scaling_factor`
     overrides the preset's (re-estimate it as 1 / std of the raw latents for a VAE other than MAR's)."""
+    check_destination(dst, "mar-kl16")
     sd = normalize_kl_state_dict(unwrap_state_dict(read_checkpoint(src)))
     preset = preset or detect_kl_preset(sd)
     tok = create_tokenizer(preset, **({} if scaling_factor is None else {"scaling_factor": scaling_factor}))

@@ -14,6 +14,9 @@ from typing import Optional
 def convert_siglip(src: str | Path, dst: str | Path, *, preset: Optional[str] = None, **overrides) -> dict:
     from ..tokenizers.registry import create_tokenizer
     from ..tokenizers.siglip_hf import is_hf_siglip_folder, siglip_init_args
+    from .checkpoint_io import check_destination
+
+    check_destination(dst, "siglip")
 
     preset = preset or "dualtoken-so400m-384"
     source = {"kind": "siglip", "file": Path(src).name, "preset": preset}

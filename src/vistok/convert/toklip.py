@@ -34,7 +34,7 @@ import torch
 
 from ..tokenizers.base import load_state_dict_strict
 from ..tokenizers.registry import create_tokenizer, get_preset
-from .checkpoint_io import read_checkpoint, strip_prefixes, unwrap_state_dict
+from .checkpoint_io import check_destination, read_checkpoint, strip_prefixes, unwrap_state_dict
 
 RULES = (("visual.trunk.vq_table.", "vq_table."), ("visual.trunk.vq_mapping.", "vq_mapping."),
          ("visual.trunk.vq.", "vq."), ("visual.", "siglip.visual."), ("text.", "siglip.text."),
@@ -74,6 +74,8 @@ def toklip_args_from_model_config(config: dict | str | Path) -> tuple[Optional[s
             config = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise ValueError(f"cannot read the TokLIP model config {path}: {exc}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"a TokLIP model config is a JSON object, not {json.dumps(config)[:40]}")
     vision, text = config.get("vision_cfg"), config.get("text_cfg")
     if not isinstance(vision, dict) or not isinstance(text, dict) or "embed_dim" not in config:
         raise ValueError("a TokLIP model config needs embed_dim, vision_cfg and text_cfg "
@@ -86,6 +88,9 @@ def toklip_args_from_model_config(config: dict | str | Path) -> tuple[Optional[s
         raise ValueError(f"vision_cfg.timm_model_name {name!r} is not a known TokLIP trunk "
                          f"({', '.join(KNOWN_TRUNKS)}), so the trunk is built from vision_cfg's fields, "
                          f"but {missing} are missing")
+    for field, value in [*((f"vision_cfg.{f}", vision[f]) for f in VISION_FIELDS), ("embed_dim", config["embed_dim"])]:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise ValueError(f"{field} is {json.dumps(value)}; a TokLIP model config needs a positive number there")
     width, head_width = int(vision["width"]), int(vision["head_width"])
     if width % head_width:
         raise ValueError(f"vision_cfg.width {width} is not a multiple of head_width {head_width}")
@@ -112,6 +117,7 @@ def convert_toklip(src: str | Path, dst: str | Path, *, preset: Optional[str] = 
     """Convert a TokLIP checkpoint `src` into the release directory `dst`; returns a report (preset
     or "config", tensors read, parameters, the keys filled from initialisation, destination).
     `config`: TokLIP's model-config JSON, needed for a geometry without a preset; `preset` overrides."""
+    check_destination(dst, "toklip")
     sd = strip_prefixes(unwrap_state_dict(read_checkpoint(src)), ["module."])
     mapped, unplaced = map_toklip_keys(sd)
     if unplaced:
@@ -128,7 +134,12 @@ def convert_toklip(src: str | Path, dst: str | Path, *, preset: Optional[str] = 
             raise ValueError(f"{src}: visual.trunk.pos_embed has {positions or 'no'} positions, which no "
                              "preset has (TokLIP-S 256, TokLIP-L 576); pass --config with the model's TokLIP "
                              "model-config JSON (src/open_clip/model_configs/*-toklip.json) or --preset")
-    tok = _build(preset, args)
+    try:
+        tok = _build(preset, args)
+    except (TypeError, ValueError) as exc:  # text_cfg fields open_clip's CLIPTextCfg cannot take
+        if not args:
+            raise
+        raise ValueError(f"cannot build the TokLIP model from the model config's fields: {exc}") from None
     filled = _fill_from_init(tok, mapped)
     mapped = {k: v.float() if v.is_floating_point() else v for k, v in mapped.items()}
     load_state_dict_strict(tok, mapped, target=f"{preset or 'the TokLIP model config'} (from {src})")

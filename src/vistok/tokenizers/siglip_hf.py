@@ -68,7 +68,23 @@ def model_type(config: dict) -> str:
 
 def _section(config: dict, name: str, defaults: dict) -> dict:
     """A sub-config with transformers' defaults filled in (save_pretrained may omit default fields)."""
-    return {**defaults, **{k: v for k, v in config.get(name, {}).items() if k in defaults}}
+    section = config.get(name, {})
+    if not isinstance(section, dict):
+        raise ValueError(f"{name} is {json.dumps(section)[:40]}, not a JSON object")
+    return _typed(name, {**defaults, **{k: v for k, v in section.items() if k in defaults}})
+
+
+INT_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_channels",
+              "image_size", "patch_size", "num_patches", "vocab_size", "max_position_embeddings")
+
+
+def _typed(name: str, section: dict) -> dict:
+    """ValueError naming a size field that is not a positive integer (a string or null in config.json)."""
+    for field in INT_FIELDS:
+        value = section.get(field, 1)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name}.{field} is {json.dumps(value)}; expected a positive integer")
+    return section
 
 
 def _activation(section: str, act: str) -> str:
@@ -88,7 +104,8 @@ def vision_geometry(config: dict, *, image_size: Optional[int] = None) -> dict:
     kind = model_type(config)
     vision = config if config.get("model_type", "").endswith("_vision_model") else None
     defaults = SIGLIP2_VISION_DEFAULTS if kind == "siglip2" else VISION_DEFAULTS
-    v = {**defaults, **{k: val for k, val in (vision or config.get("vision_config", {})).items() if k in defaults}}
+    v = _section({"vision_config": vision}, "vision_config", defaults) if vision is not None else \
+        _section(config, "vision_config", defaults)
     if v["num_channels"] != 3:
         raise ValueError(f"vision_config.num_channels={v['num_channels']} is not supported (RGB only: 3)")
     if not v["vision_use_head"]:
@@ -362,13 +379,22 @@ def read_hf_weights(path: str | Path) -> dict[str, torch.Tensor]:
 
     path = Path(path)
     single, index = path / "model.safetensors", path / "model.safetensors.index.json"
+    def load(file: Path) -> dict[str, torch.Tensor]:
+        try:
+            return load_file(str(file))
+        except Exception as exc:  # safetensors raises its own error type for truncated / corrupt files
+            raise ValueError(f"cannot read {file}: {exc}") from None
+
     if single.is_file():
-        return load_file(str(single))
+        return load(single)
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"{index} is not a safetensors index (no weight_map of shard names): {exc!r}") from None
         state: dict[str, torch.Tensor] = {}
         for shard in shards:
-            state.update(load_file(str(path / shard)))
+            state.update(load(path / shard))
         return state
     raise FileNotFoundError(f"HF SigLIP folder {path} has no model.safetensors (nor a sharded index); "
                             "transformers' pytorch_model.bin pickles are not read: re-save with safe_serialization")
