@@ -263,3 +263,12 @@ def test_official_backbone_preset_takes_every_hf_key():
     assert gelu_kind(tok.siglip.trunk.blocks[0].mlp.act.to_empty(device="cpu")) == "tanh"
     with pytest.raises(ValueError, match="Gemma tokenizer of SigLIP2"):
         tok.siglip.tokenize(["a photo"])
+
+
+def test_explicit_geometry_refuses_unknown_vision_fields():
+    from vistok.tokenizers.siglip import SiglipTower
+
+    vision = {"image_size": 16, "patch_size": 8, "width": 16, "layers": 1, "heads": 2, "mlp_dim": 32,
+              "act": "gelu_tanh", "norm_eps": 1e-6, "pool": "map", "num_layer": 4}
+    with pytest.raises(ValueError, match=r"unknown vision_cfg field\(s\) \['num_layer'\]"):
+        SiglipTower(clip_config={"embed_dim": 16, "vision_cfg": vision}, with_text=False)

@@ -93,8 +93,11 @@ class ExplicitVisual(nn.Module):
     open_clip's TimmModel passes no architecture arguments to timm, so the trunk is built here."""
 
     def __init__(self, *, image_size: int, patch_size: int, width: int, layers: int, heads: int, mlp_dim: int,
-                 act: str, norm_eps: float, pool: str = "map", **_):
+                 act: str, norm_eps: float, pool: str = "map", hf_model_type: Optional[str] = None, **unknown):
         super().__init__()
+        if unknown:  # a misspelt field would otherwise build a default geometry without a word
+            raise ValueError(f"unknown vision_cfg field(s) {sorted(unknown)} in an explicit SigLIP geometry; known: "
+                             f"{sorted(EXPLICIT_VISION_KEYS | {'pool', 'hf_model_type'})}")
         from functools import partial
 
         from timm.models.vision_transformer import VisionTransformer
