@@ -424,6 +424,11 @@ def test_sampling_rejects_bad_arguments(tiny):
         tiny.sample(["cat"])
 
 
+def test_zero_sampling_steps_is_refused_not_the_default(tiny):
+    # `num_steps or default` took 0 for "use the default (100 steps)"
+    with pytest.raises(ValueError, match=r"num_steps must be in \[2, 1000\], got 0"):
+        tiny.sample([1], num_iter=1, num_sampling_steps=0)
+
 
 # ------------------------------------------------------------------------------- CLI
 def test_cli_sample_writes_reproducible_pngs(tmp_path):
