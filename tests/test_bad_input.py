@@ -199,6 +199,20 @@ def test_a_lock_left_by_a_killed_process_is_stale(tmp_path):
     lock.release()
 
 
+@pytest.mark.parametrize("owner", ['{"pid": null, "host": "%s"}', '{"pid": "abc", "host": "%s"}',
+                                   '{"pid": true, "host": "%s"}', '{"host": "%s"}'])
+def test_a_mangled_lock_owner_file_does_not_stop_the_run(tmp_path, owner):
+    import socket
+
+    from vistok.train.runlock import RunLock
+
+    # the owner file is only for the busy message; {"pid": null} raised TypeError after taking the lock
+    (tmp_path / ".lock.owner.json").write_text(owner % socket.gethostname())
+    lock = RunLock(tmp_path).acquire()
+    assert lock.held
+    lock.release()
+
+
 # ---------------------------------------------------------------------------------------------- 2
 @pytest.mark.parametrize("assignment, message", [
     ("train.batch_size=2.5", "train.batch_size must be an integer, got 2.5"),
