@@ -288,6 +288,19 @@ def test_decode_features_checks_grid_and_type_and_casts(tiny):
         tiny.decode_features(feats.numpy(), (8, 8))
 
 
+@pytest.mark.parametrize("args, message", [
+    ({"img_size": -32}, "img_size -32 is not a positive multiple"),  # loaded, with a (-8, -8) grid
+    ({"img_size": 0}, "img_size 0 is not a positive multiple"),
+    ({"patch_size": 0}, "patch_size must be >= 1"),                   # ZeroDivisionError before
+    ({"encoder_num_heads": 0}, "encoder_num_heads must be >= 1"),
+    ({"decoder_num_heads": -4}, "decoder_num_heads must be >= 1"),
+    ({"class_num": 0}, "class_num must be >= 1"),
+])
+def test_constructor_names_impossible_sizes(args, message):
+    with pytest.raises(ValueError, match=message):
+        vistok.create_tokenizer("tiny-mar", **args)
+
+
 def test_position_embedding_resize_keeps_buffer_and_native_grid():
     table = torch.randn(1, 3 + 4 * 4, 5)
     assert resize_pos_embed(table, (4, 4), (4, 4), 3) is table

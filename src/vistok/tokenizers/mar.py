@@ -200,11 +200,16 @@ class MARTokenizer(VisualTokenizer):
                  num_sampling_steps: int = 100, grad_checkpointing: bool = False,
                  vae: Optional[dict] = None, preprocess: Optional[dict] = None):
         super().__init__()
+        for name, value, low in (("patch_size", patch_size, 1), ("encoder_num_heads", encoder_num_heads, 1),
+                                 ("decoder_num_heads", decoder_num_heads, 1), ("buffer_size", buffer_size, 0),
+                                 ("class_num", class_num, 1)):
+            if value < low:  # 0 heads / patch_size 0 were "integer modulo by zero", naming nothing
+                raise ValueError(f"{name} must be >= {low}, got {value}")
         self.vae = KLTokenizer(**(vae or {}), preprocess=preprocess)
         self.patch_size = patch_size
         self._stride = self.vae.stride * patch_size
-        if img_size % self._stride:
-            raise ValueError(f"img_size {img_size} is not a multiple of the token stride {self._stride}")
+        if img_size < self._stride or img_size % self._stride:  # a negative img_size built a negative grid
+            raise ValueError(f"img_size {img_size} is not a positive multiple of the token stride {self._stride}")
         side = img_size // self._stride
         for dim, heads, name in ((encoder_embed_dim, encoder_num_heads, "encoder"),
                                  (decoder_embed_dim, decoder_num_heads, "decoder")):
