@@ -491,3 +491,15 @@ def test_cli_convert_mar_with_the_full_kl16_vae(tmp_path):
     ref = load_file(str(MAR_DIR / "mar_tiny_outputs.safetensors"))
     with torch.no_grad():
         assert rel_err(tok.encode_latents(ref["latents"]).features, ref["enc_fake"]) <= TOL
+
+
+@pytest.mark.parametrize("command", [["sample", "tiny-mar", "--class-label", "1", "--out-dir", "unused"],
+                                     ["encode", "tiny-mar", "unused.png", "--out", "unused.safetensors"]])
+def test_cli_seed_out_of_torch_range_is_a_usage_error(command):
+    from click.testing import CliRunner
+
+    from vistok.cli import main
+
+    # was "Error: Overflow when unpacking long long" from manual_seed, naming no option
+    res = CliRunner().invoke(main, command + ["--seed", str(2**64)])
+    assert res.exit_code == 2 and "--seed" in res.output, res.output
