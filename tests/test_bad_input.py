@@ -145,6 +145,20 @@ def test_decode_refuses_to_write_over_the_encoded_originals(kl_release, images, 
     assert digest(images) == before
 
 
+def test_convert_refuses_to_replace_the_files_it_reads_besides_src(tmp_path):
+    from conftest import DATA as data
+    # `convert dualtoken DIR/epoch_1.pt DIR` replaced DIR/config.json, the official model config it reads
+    dt = tmp_path / "dt"
+    shutil.copytree(data / "dualtoken_official" / "small", dt)
+    before = digest(dt)
+    cli_error(["convert", "dualtoken", dt / "epoch_1.pt", dt], "overwrite the input", "config.json")
+    # an HF SigLIP folder converted into itself
+    hf = tmp_path / "hf"
+    shutil.copytree(data / "hf_siglip" / "siglip", hf)
+    cli_error(["convert", "siglip", hf, hf, "--preset", "tiny-dualtoken"], "overwrite the input")
+    assert digest(dt) == before
+
+
 def test_convert_and_export_diffusers_refuse_their_source(kl_release, tmp_path):
     src = tmp_path / "rel"
     shutil.copytree(kl_release, src)
@@ -196,6 +210,20 @@ def test_a_lock_left_by_a_killed_process_is_stale(tmp_path):
     said = []
     lock = RunLock(tmp_path, said.append).acquire()
     assert lock.held and any(f"pid {p.pid}" in s and "gone" in s for s in said)
+    lock.release()
+
+
+@pytest.mark.parametrize("owner", ['{"pid": null, "host": "%s"}', '{"pid": "abc", "host": "%s"}',
+                                   '{"pid": true, "host": "%s"}', '{"host": "%s"}'])
+def test_a_mangled_lock_owner_file_does_not_stop_the_run(tmp_path, owner):
+    import socket
+
+    from vistok.train.runlock import RunLock
+
+    # the owner file is only for the busy message; {"pid": null} raised TypeError after taking the lock
+    (tmp_path / ".lock.owner.json").write_text(owner % socket.gethostname())
+    lock = RunLock(tmp_path).acquire()
+    assert lock.held
     lock.release()
 
 

@@ -247,8 +247,58 @@ def test_float_and_bool_masks_agree_and_bad_masks_are_named(tiny):
         tiny.encode_latents(lat, mask.float() * 0.5)
     with pytest.raises(ValueError, match=r"latents of shape \(B, 4, h, w\)"):
         tiny.encode_latents(torch.randn(2, 3, 8, 8))
-    with pytest.raises(ValueError, match=r"class_labels must be 2 integers in \[0, 10\)"):
+    with pytest.raises(ValueError, match=r"class labels must be in \[0, 10\)"):
         tiny.encode_latents(lat, class_labels=torch.tensor([1, 10]))
+
+
+@pytest.mark.parametrize("bad, message", [
+    (lambda lat: lat * float("nan"), "NaN or Inf"),          # ran through to NaN features before
+    (lambda lat: lat.masked_fill(lat > 1, float("inf")), "NaN or Inf"),
+    (lambda lat: lat[..., :0, :0], "grid 0x0"),             # was interpolate's RuntimeError
+])
+def test_encode_latents_refuses_non_finite_and_empty_grids(tiny, bad, message):
+    with pytest.raises(ValueError, match=message):
+        tiny.encode_latents(bad(torch.randn(2, 4, 8, 8)))
+
+
+def test_encode_latents_empty_batch_with_mask_or_labels(tiny):
+    lat = torch.randn(0, 4, 8, 8)
+    with torch.no_grad():  # both raised RuntimeError (reshape of 0 rows, min() of no labels)
+        masked = tiny.encode_latents(lat, torch.zeros(0, 64, dtype=torch.bool)).features
+        labelled = tiny.encode_latents(lat, class_labels=torch.zeros(0, dtype=torch.long)).features
+    assert masked.shape == labelled.shape == (0, 8 + 64, 32)
+
+
+@pytest.mark.parametrize("labels", [[True, False], ["a", "b"], "ab", 3, [[1, 2]], [1.0, 2.0]])
+def test_class_labels_of_wrong_type_are_named(tiny, labels):
+    with pytest.raises(ValueError, match="class_labels must be a 1-D sequence of ints"):
+        tiny.encode_latents(torch.randn(2, 4, 8, 8), class_labels=labels)
+
+
+def test_decode_features_checks_grid_and_type_and_casts(tiny):
+    lat = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        feats = tiny.encode_latents(lat).features
+        ref = tiny.decode_features(feats, (8, 8))
+        assert torch.allclose(tiny.decode_features(feats.double(), (8, 8)), ref)  # was a dtype RuntimeError
+    for grid in [(-8, -8), 8, (8,), (8.5, 8)]:
+        with pytest.raises(ValueError, match="grid must be two positive ints"):
+            tiny.decode_features(feats, grid)
+    with pytest.raises(ValueError, match="features must be a float tensor"):
+        tiny.decode_features(feats.numpy(), (8, 8))
+
+
+@pytest.mark.parametrize("args, message", [
+    ({"img_size": -32}, "img_size -32 is not a positive multiple"),  # loaded, with a (-8, -8) grid
+    ({"img_size": 0}, "img_size 0 is not a positive multiple"),
+    ({"patch_size": 0}, "patch_size must be >= 1"),                   # ZeroDivisionError before
+    ({"encoder_num_heads": 0}, "encoder_num_heads must be >= 1"),
+    ({"decoder_num_heads": -4}, "decoder_num_heads must be >= 1"),
+    ({"class_num": 0}, "class_num must be >= 1"),
+])
+def test_constructor_names_impossible_sizes(args, message):
+    with pytest.raises(ValueError, match=message):
+        vistok.create_tokenizer("tiny-mar", **args)
 
 
 def test_position_embedding_resize_keeps_buffer_and_native_grid():
@@ -374,6 +424,23 @@ def test_sampling_rejects_bad_arguments(tiny):
         tiny.sample(None)
     with pytest.raises(ValueError, match="cfg_schedule"):
         tiny.sample([1], cfg_schedule="cosine")
+    # these ran to the end and failed at decoding with "latents contain NaN or Inf", or crashed
+    for kw, message in [({"cfg": float("nan")}, "cfg must be a finite"), ({"cfg": float("inf")}, "cfg must be a finite"),
+                        ({"temperature": float("inf")}, "temperature must be finite"),
+                        ({"grid": (-2, -2)}, "grid must be two positive ints"),
+                        ({"grid": 8}, "grid must be two positive ints")]:
+        with pytest.raises(ValueError, match=message):
+            tiny.sample([1], num_iter=2, num_sampling_steps=2, **kw)
+    with pytest.raises(ValueError, match="class_labels must be a 1-D sequence of ints"):
+        tiny.sample([True])
+    with pytest.raises(ValueError, match="class_labels must be a 1-D sequence of ints"):
+        tiny.sample(["cat"])
+
+
+def test_zero_sampling_steps_is_refused_not_the_default(tiny):
+    # `num_steps or default` took 0 for "use the default (100 steps)"
+    with pytest.raises(ValueError, match=r"num_steps must be in \[2, 1000\], got 0"):
+        tiny.sample([1], num_iter=1, num_sampling_steps=0)
 
 
 # ------------------------------------------------------------------------------- CLI
@@ -424,3 +491,15 @@ def test_cli_convert_mar_with_the_full_kl16_vae(tmp_path):
     ref = load_file(str(MAR_DIR / "mar_tiny_outputs.safetensors"))
     with torch.no_grad():
         assert rel_err(tok.encode_latents(ref["latents"]).features, ref["enc_fake"]) <= TOL
+
+
+@pytest.mark.parametrize("command", [["sample", "tiny-mar", "--class-label", "1", "--out-dir", "unused"],
+                                     ["encode", "tiny-mar", "unused.png", "--out", "unused.safetensors"]])
+def test_cli_seed_out_of_torch_range_is_a_usage_error(command):
+    from click.testing import CliRunner
+
+    from vistok.cli import main
+
+    # was "Error: Overflow when unpacking long long" from manual_seed, naming no option
+    res = CliRunner().invoke(main, command + ["--seed", str(2**64)])
+    assert res.exit_code == 2 and "--seed" in res.output, res.output

@@ -257,3 +257,15 @@ def test_training_from_an_init_release_with_overrides_and_export(tmp_path):
     summary = trainer.fit()
     release = vistok.load_tokenizer(summary["export"])
     assert not hasattr(release, "teacher") and release.config["grad_checkpointing"] is False
+
+
+def test_large_seeds_give_per_sample_generators_and_huge_ones_are_named():
+    from vistok.train.config import build_config
+    from vistok.train.data import sample_generator
+
+    # the seed product overflowed torch's 64-bit seed from train.seed ~18447 up ("Overflow when unpacking")
+    for seed in (20000, 123456, 2**63 - 1):
+        assert sample_generator(seed, 3, 5).initial_seed() < 2**64
+    assert sample_generator(7, 3, 5).initial_seed() == (7 * 1_000_003 + 3) * 1_000_000_007 + 5  # small: unchanged
+    with pytest.raises(ValueError, match=r"train.seed must be <= 9223372036854775807"):
+        build_config({"train": {"seed": 99999999999999999999}})

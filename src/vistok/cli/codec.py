@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from .common import load_model, refuse_dir_inside_inputs, refuse_overwrite
+from .common import SEED, load_model, refuse_dir_inside_inputs, refuse_overwrite
 from .output import log
 from .output import emit
 
@@ -100,7 +100,7 @@ def check_provenance(meta: dict, tok, file: str, model: str) -> None:
 @click.argument("images", nargs=-1, required=True)
 @click.option("--out", "out", required=True, type=click.Path(dir_okay=False), help="output .safetensors file")
 @click.option("--sample", is_flag=True, help="KL family: sample the posterior instead of taking its mean")
-@click.option("--seed", default=0, show_default=True, help="seed for --sample")
+@click.option("--seed", default=0, show_default=True, type=SEED, help="seed for --sample")
 @_batch_option
 @_device_option
 @click.option("--json", "as_json", is_flag=True, help="JSON output")

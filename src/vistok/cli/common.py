@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import click
+
 from .output import log
 
 
@@ -39,6 +41,10 @@ def _same_file(a: Path, b: Path) -> bool:
         return a.exists() and b.exists() and os.path.samefile(a, b)
     except OSError:
         return a.resolve() == b.resolve()
+
+
+#: torch.Generator.manual_seed's range; a larger --seed failed with "Overflow when unpacking long long"
+SEED = click.IntRange(-(2**63), 2**64 - 1)
 
 
 def refuse_overwrite(outputs, inputs, option: str) -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .common import load_model
+from .common import SEED, load_model
 from .output import emit, log
 
 
@@ -21,7 +21,7 @@ from .output import emit, log
 @click.option("--temperature", default=1.0, show_default=True, type=float, help="diffusion head's noise temperature")
 @click.option("--num-sampling-steps", default=None, type=click.IntRange(2),
               help="diffusion head steps (default: the model's, MAR: 100)")
-@click.option("--seed", default=0, show_default=True, help="seed of the orders and the noise")
+@click.option("--seed", default=0, show_default=True, type=SEED, help="seed of the orders and the noise")
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1))
 @click.option("--out-dir", required=True, type=click.Path(file_okay=False), help="directory for the PNGs")
 @click.option("--device", default="cpu", show_default=True, help="torch device")

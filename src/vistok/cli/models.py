@@ -96,7 +96,18 @@ def convert_cmd(kind, src, dst, preset, scaling_factor, model_config, pretrained
 
     from ..convert import CONVERTERS
 
-    refuse_overwrite([Path(dst) / "config.json", Path(dst) / "model.safetensors"], [src], "DST")
+    # every file the conversion reads, not only SRC: DualToken's model config (--config, by default
+    # config.json beside SRC, which `convert dualtoken DIR/epoch_N.pt DIR` replaced), an HF folder's
+    # own config.json / model.safetensors, --kl16
+    inputs = [Path(src)]
+    if kind == "dualtoken" and model_config is None:
+        inputs.append(Path(src).parent / "config.json")
+    for p in (src, model_config, kl16):
+        if p is not None and Path(p).is_dir():
+            inputs += [Path(p) / "config.json", Path(p) / "model.safetensors"]
+        elif p is not None:
+            inputs.append(Path(p))
+    refuse_overwrite([Path(dst) / "config.json", Path(dst) / "model.safetensors"], inputs, "DST")
     log(f"converting {src} ({kind}) ...")
     if scaling_factor is not None and kind != "mar-kl16":
         raise ValueError(f"--scaling-factor applies to KL latents (mar-kl16), not to {kind}")

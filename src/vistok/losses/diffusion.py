@@ -311,7 +311,7 @@ class DiffusionHead(nn.Module):
         if guided:
             self._check("uncond", uncond, self.cond_dim)
             cond = torch.cat([cond, uncond])
-        diffusion = self.schedule(num_steps or self.num_sampling_steps, cond.device)
+        diffusion = self.schedule(self.num_sampling_steps if num_steps is None else num_steps, cond.device)
         n = cond.shape[0] // 2 if guided else cond.shape[0]
         kw = dict(device=cond.device, dtype=cond.dtype, generator=generator)
         x = randn((n, self.token_dim), **kw)

@@ -15,6 +15,7 @@ Encoder (facts checked against both official repositories):
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from functools import partial
 from typing import Optional, Sequence
@@ -46,6 +47,31 @@ def resize_pos_embed(pos_embed: torch.Tensor, base_grid: tuple[int, int], grid: 
     image = image.reshape(1, *base_grid, d).permute(0, 3, 1, 2)
     image = F.interpolate(image, size=tuple(grid), mode="bilinear", align_corners=False)
     return torch.cat([prefix, image.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], d)], dim=1)
+
+
+def check_grid(grid) -> tuple[int, int]:
+    """A token grid (h, w) of two positive ints, else ValueError."""
+    try:
+        h, w = (operator.index(g) for g in grid)
+    except (TypeError, ValueError):
+        raise ValueError(f"grid must be two positive ints (h, w), got {grid!r}") from None
+    if h < 1 or w < 1:
+        raise ValueError(f"grid must be two positive ints (h, w), got {grid!r}")
+    return h, w
+
+
+def class_label_tensor(class_labels, num_classes: int, device) -> torch.Tensor:
+    """1-D integer class labels in [0, num_classes) -> int64 on `device`; bool, float, strings, other
+    shapes and out-of-range labels raise ValueError."""
+    try:
+        labels = torch.as_tensor(class_labels, device=device)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"class_labels must be a 1-D sequence of ints, got {class_labels!r}") from None
+    if labels.ndim != 1 or labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
+        raise ValueError(f"class_labels must be a 1-D sequence of ints, got {class_labels!r}")
+    if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"class labels must be in [0, {num_classes}), got {labels.tolist()}")
+    return labels.long()
 
 
 class MARTransformer(nn.Module):
@@ -122,7 +148,8 @@ class MARTransformer(nn.Module):
         x = self.z_proj_ln(x + resize_pos_embed(self.encoder_pos_embed_learned, self.grid, grid, self.buffer_size))
         if mask is not None:
             keep = torch.cat([mask.new_zeros(b, self.buffer_size), mask], dim=1).logical_not()
-            x = x[keep].reshape(b, -1, d)
+            kept = int(keep[0].sum()) if b else keep.shape[1]  # rows keep equal counts; B = 0 has no row
+            x = x[keep].reshape(b, kept, d)
         return self.encoder_norm(self._run(self.encoder_blocks, x))
 
     def forward_decoder(self, x: torch.Tensor, grid: tuple[int, int], mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -173,11 +200,16 @@ class MARTokenizer(VisualTokenizer):
                  num_sampling_steps: int = 100, grad_checkpointing: bool = False,
                  vae: Optional[dict] = None, preprocess: Optional[dict] = None):
         super().__init__()
+        for name, value, low in (("patch_size", patch_size, 1), ("encoder_num_heads", encoder_num_heads, 1),
+                                 ("decoder_num_heads", decoder_num_heads, 1), ("buffer_size", buffer_size, 0),
+                                 ("class_num", class_num, 1)):
+            if value < low:  # 0 heads / patch_size 0 were "integer modulo by zero", naming nothing
+                raise ValueError(f"{name} must be >= {low}, got {value}")
         self.vae = KLTokenizer(**(vae or {}), preprocess=preprocess)
         self.patch_size = patch_size
         self._stride = self.vae.stride * patch_size
-        if img_size % self._stride:
-            raise ValueError(f"img_size {img_size} is not a multiple of the token stride {self._stride}")
+        if img_size < self._stride or img_size % self._stride:  # a negative img_size built a negative grid
+            raise ValueError(f"img_size {img_size} is not a positive multiple of the token stride {self._stride}")
         side = img_size // self._stride
         for dim, heads, name in ((encoder_embed_dim, encoder_num_heads, "encoder"),
                                  (decoder_embed_dim, decoder_num_heads, "decoder")):
@@ -212,8 +244,8 @@ class MARTokenizer(VisualTokenizer):
         latents = self.vae.validate_latents(latents)
         h, w = latents.shape[-2:]
         p = self.patch_size
-        if h % p or w % p:
-            raise ValueError(f"latent grid {h}x{w} is not divisible by patch_size {p}")
+        if h < p or w < p or h % p or w % p:
+            raise ValueError(f"latent grid {h}x{w} must be positive multiples of patch_size {p}")
         return h // p, w // p
 
     def validate_mask(self, mask, batch: int, num_tokens: int) -> Optional[torch.Tensor]:
@@ -236,11 +268,10 @@ class MARTokenizer(VisualTokenizer):
     def _buffer(self, batch: int, class_labels: Optional[torch.Tensor]) -> torch.Tensor:
         if class_labels is None:
             return self.mar.fake_latent.expand(batch, -1)
-        labels = torch.as_tensor(class_labels, device=self.mar.fake_latent.device)
-        n = self.mar.class_emb.num_embeddings
-        if labels.shape != (batch,) or labels.is_floating_point() or labels.min() < 0 or labels.max() >= n:
-            raise ValueError(f"class_labels must be {batch} integers in [0, {n}), got {labels.tolist()}")
-        return self.mar.class_emb(labels.long())
+        labels = class_label_tensor(class_labels, self.mar.class_emb.num_embeddings, self.mar.fake_latent.device)
+        if labels.numel() != batch:
+            raise ValueError(f"class_labels must hold one label per latent ({batch}), got {labels.numel()}")
+        return self.mar.class_emb(labels)
 
     # ---------------------------------------------------------------- public API
     def encode(self, pixels: torch.Tensor, *, sample: Optional[bool] = None,
@@ -261,6 +292,7 @@ class MARTokenizer(VisualTokenizer):
         number. class_labels: (B,) ints to fill the buffer with MAR's class embedding instead of
         `fake_latent` (Harmon's choice, and MAR's unconditional one). Raises ValueError on bad shapes.
         """
+        latents = self.prepare_latents(latents)  # NaN/Inf refused, moved to the model's device and dtype
         grid = self._latent_grid(latents)
         tokens = KLTokenizer.patchify(latents.to(self.mar.z_proj.weight.dtype), self.patch_size)
         mask = self.validate_mask(mask, tokens.shape[0], tokens.shape[1])
@@ -271,12 +303,17 @@ class MARTokenizer(VisualTokenizer):
                         mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """MAR's decoder: encoder features (B, buffer_size + visible, D) -> per-position conditions of the
         diffusion head (B, h*w, D_dec); `mask` is the one given to `encode_latents`."""
+        grid = check_grid(grid)
+        if not isinstance(features, torch.Tensor) or not features.is_floating_point():
+            kind = features.dtype if isinstance(features, torch.Tensor) else type(features).__name__
+            raise ValueError(f"features must be a float tensor (B, buffer_size + visible, D), got {kind}")
+        features = features.to(device=self.device, dtype=self.mar.decoder_embed.weight.dtype)
         mask = self.validate_mask(mask, features.shape[0], grid[0] * grid[1])
         visible = grid[0] * grid[1] - (int(mask[0].sum()) if mask is not None and len(mask) else 0)
         if features.ndim != 3 or features.shape[1] != self.buffer_size + visible or features.shape[2] != self.width:
             raise ValueError(f"features must be (B, {self.buffer_size + visible}, {self.width}) for grid {grid} and "
                              f"this mask, got {tuple(features.shape)}")
-        return self.mar.forward_decoder(features, tuple(grid), mask)
+        return self.mar.forward_decoder(features, grid, mask)
 
     @staticmethod
     def to_llm_order(features: torch.Tensor, buffer_size: int = 64) -> torch.Tensor:

@@ -41,15 +41,14 @@ def _labels(tok: "MARTokenizer", class_labels, num_images: Optional[int], device
         if num_images is None or num_images < 1:
             raise ValueError("unconditional sampling needs num_images >= 1 (or pass class_labels)")
         return None
-    labels = torch.as_tensor(class_labels, device=device)
-    if labels.ndim != 1 or labels.numel() == 0 or labels.is_floating_point():
-        raise ValueError(f"class_labels must be a non-empty 1-D sequence of ints, got {class_labels!r}")
+    from .mar import class_label_tensor
+
+    labels = class_label_tensor(class_labels, tok.mar.class_emb.num_embeddings, device)
+    if labels.numel() == 0:
+        raise ValueError("class_labels is empty: pass at least one label, or None with num_images")
     if num_images is not None and num_images != labels.numel():
         raise ValueError(f"num_images {num_images} disagrees with the {labels.numel()} class labels")
-    n = tok.mar.class_emb.num_embeddings
-    if labels.min() < 0 or labels.max() >= n:
-        raise ValueError(f"class labels must be in [0, {n}), got {labels.tolist()}")
-    return labels.long()
+    return labels
 
 
 @torch.no_grad()
@@ -70,14 +69,18 @@ def sample_latents(tok: "MARTokenizer", class_labels: Optional[Sequence[int] | t
     device, dtype = mar.fake_latent.device, mar.fake_latent.dtype
     labels = _labels(tok, class_labels, num_images, device)
     bsz = labels.numel() if labels is not None else num_images
-    gh, gw = grid or mar.grid
+    from .mar import check_grid
+
+    gh, gw = mar.grid if grid is None else check_grid(grid)
     seq_len = gh * gw
     if not 1 <= num_iter <= seq_len:
         raise ValueError(f"num_iter must be in [1, {seq_len}] (the number of tokens), got {num_iter}")
     if cfg_schedule not in CFG_SCHEDULES:
         raise ValueError(f"cfg_schedule must be one of {CFG_SCHEDULES}, got {cfg_schedule!r}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not 0 < temperature < math.inf:
+        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+    if not math.isfinite(cfg):
+        raise ValueError(f"cfg must be a finite number, got {cfg}")
     guided = cfg != 1.0
     fake = mar.fake_latent.expand(bsz, -1)
     buffer = mar.class_emb(labels) if labels is not None else fake

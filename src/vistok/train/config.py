@@ -59,7 +59,7 @@ class TrainConfig:
     batch_size: int = _f(32, ge=1)  # per process
     accumulation: int = _f(1, ge=1)
     precision: str = _f("bf16", choices=("bf16", "fp32"))  # quantizers always run in fp32
-    seed: int = _f(0, ge=0)
+    seed: int = _f(0, ge=0, le=2**63 - 1)  # torch seeds are 64-bit; seed + 1 + rank must stay one
     log_every: int = _f(10, ge=1)
     save_every: int = _f(1000, ge=1)
     keep_last: int = _f(3, ge=1)

@@ -147,7 +147,9 @@ class Augment:
 
 # ---------------------------------------------------------------------------------------- map-style
 def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
-    return torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 1_000_000_007 + index)
+    # reduced to torch's 64-bit seed range (unchanged below it): from train.seed ~18447 up the product
+    # overflowed and manual_seed raised "Overflow when unpacking long long" at the first batch
+    return torch.Generator().manual_seed(((seed * 1_000_003 + epoch) * 1_000_000_007 + index) % 2**64)
 
 
 class ImageDataset(torch.utils.data.Dataset):

@@ -56,7 +56,11 @@ class RunLock:
                 f"{who.get('host', '?')}, since {who.get('started', '?')}): wait for it to finish, or pass another "
                 "--out") from None
         self._lock = lock
-        if previous and previous.get("host") == socket.gethostname() and not _pid_alive(int(previous.get("pid", -1))):
+        pid = previous.get("pid") if previous else None
+        pid = pid if isinstance(pid, int) and not isinstance(pid, bool) and pid > 0 else None  # informational only:
+        # a hand-edited owner file ({"pid": null}, "abc") raised TypeError/ValueError here, and pid <= 0
+        # made os.kill address a process group (0) or every process (-1)
+        if pid is not None and previous.get("host") == socket.gethostname() and not _pid_alive(pid):
             self.log(f"run folder {self.run_dir}: the previous holder (pid {previous['pid']}) is gone; taking it over")
         owner_file.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                                           "started": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
