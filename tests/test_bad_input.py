@@ -232,6 +232,7 @@ def test_a_mangled_lock_owner_file_does_not_stop_the_run(tmp_path, owner):
     ("train.batch_size=2.5", "train.batch_size must be an integer, got 2.5"),
     ("train.steps=abc", "train.steps must be an integer, got 'abc'"),
     ("train.steps=true", "train.steps must be an integer, got True"),
+    ("train.steps=1e300", "train.steps must be <= 1000000000000"),
     ("train.steps=0", "train.steps must be >= 1"),
     ("data.crop_scale=[2,3]", "data.crop_scale must be <= 1.0"),
     ("data.crop_scale=[0.5]", "data.crop_scale must be a list of 2 values"),

@@ -102,7 +102,7 @@ def test_harmon_file_converts_and_matches_extract_visual_feature(tmp_path):
     assert got.shape == (2, 64 + 64, 32)
     assert rel_err(got, ref["enc_8x8"]) <= TOL
     # Harmon's LLM input order: the image tokens first, the 64 buffer tokens last
-    llm = MARTokenizer.to_llm_order(got, tok.buffer_size)
+    llm = tok.to_llm_order(got)
     assert torch.equal(llm[:, :64], got[:, 64:]) and torch.equal(llm[:, 64:], got[:, :64])
 
 
@@ -503,3 +503,17 @@ def test_cli_seed_out_of_torch_range_is_a_usage_error(command):
     # was "Error: Overflow when unpacking long long" from manual_seed, naming no option
     res = CliRunner().invoke(main, command + ["--seed", str(2**64)])
     assert res.exit_code == 2 and "--seed" in res.output, res.output
+
+
+def test_llm_order_uses_the_models_own_buffer_size():
+    """tiny-mar has 8 buffer slots: the LLM order moves exactly those 8 to the end, whatever the grid."""
+    from vistok import create_tokenizer
+
+    tok = create_tokenizer("tiny-mar")
+    features = torch.arange(2 * (tok.buffer_size + 6) * 3, dtype=torch.float32).reshape(2, -1, 3)
+    features = features[..., :1].expand(-1, -1, tok.width).contiguous()
+    llm = tok.to_llm_order(features)
+    assert tok.buffer_size == 8
+    assert torch.equal(llm[:, :6], features[:, 8:]) and torch.equal(llm[:, 6:], features[:, :8])
+    with pytest.raises(ValueError, match="encoder output with its buffer first"):
+        tok.to_llm_order(features[:, :8])

@@ -315,10 +315,15 @@ class MARTokenizer(VisualTokenizer):
                              f"this mask, got {tuple(features.shape)}")
         return self.mar.forward_decoder(features, grid, mask)
 
-    @staticmethod
-    def to_llm_order(features: torch.Tensor, buffer_size: int = 64) -> torch.Tensor:
-        """Harmon's understanding order: image tokens first, the `buffer_size` buffer tokens last."""
-        return torch.cat([features[:, buffer_size:], features[:, :buffer_size]], dim=1)
+    def to_llm_order(self, features: torch.Tensor) -> torch.Tensor:
+        """Harmon's understanding order: (B, buffer + n, D) encoder output, buffer first -> image tokens
+        first, this model's `buffer_size` buffer tokens last. ValueError if features are not (B, N, width)
+        with N > buffer_size."""
+        if features.ndim != 3 or features.shape[1] <= self.buffer_size or features.shape[2] != self.width:
+            raise ValueError(f"features must be (B, {self.buffer_size} + tokens, {self.width}), the encoder "
+                             f"output with its buffer first; got {tuple(features.shape)}")
+        b = self.buffer_size
+        return torch.cat([features[:, b:], features[:, :b]], dim=1)
 
     def decode(self, *, ids: Optional[dict] = None, latents: Optional[torch.Tensor] = None,
                clamp: bool = True) -> torch.Tensor:

@@ -55,7 +55,7 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = _f(1000, ge=1)
+    steps: int = _f(1000, ge=1, le=10**12)  # an integral float such as 1e300 is not a run length
     batch_size: int = _f(32, ge=1)  # per process
     accumulation: int = _f(1, ge=1)
     precision: str = _f("bf16", choices=("bf16", "fp32"))  # quantizers always run in fp32
