@@ -148,3 +148,12 @@ def test_convert_non_checkpoint_and_scaling_factor_override(runner, image_dir, t
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)[0]["scaling_factor"] == 0.4
     assert vistok.load_tokenizer(tmp_path / "o").scaling_factor == 0.4
+
+
+def test_a_closed_pipe_ends_output_quietly():
+    """`vistok list-models | head`: the reader leaves early; no 'Broken pipe' error, exit 0."""
+    proc = subprocess.Popen([sys.executable, "-m", "vistok", "list-models"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()  # before vistok writes anything: its first write raises EPIPE
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0 and "Broken pipe" not in stderr and "Error" not in stderr, stderr

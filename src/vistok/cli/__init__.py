@@ -17,6 +17,10 @@ class _Group(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except BrokenPipeError:  # `vistok list-models | head`: the reader has all it wanted
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())  # no second EPIPE when Python flushes stdout at exit
+            sys.exit(0)
         except (ValueError, FileNotFoundError, OSError, NotImplementedError, FloatingPointError) as exc:
             if os.environ.get("VISTOK_DEBUG"):
                 raise

@@ -252,7 +252,7 @@ def build_text_tokenizer(spec: Optional[str], context_length: int, *, hint: Opti
 
         if importlib.util.find_spec("transformers") is None:
             raise ImportError(f"text tokenizer {spec!r} is a Hugging Face tokenizer, which needs the transformers "
-                              "package: pip install transformers")
+                              "package: pip install 'vistok[text]' (transformers + sentencepiece)")
     if spec and spec.startswith("hf:"):
         return HFTokenizer(spec[3:], context_length=context_length, clean="canonicalize")
     if spec and os.path.isdir(spec):
