@@ -217,26 +217,24 @@ def _split_in_proj(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return w[:d], w[d:]
 
 
-def _vision_layer(rest: str, get) -> dict[str, torch.Tensor]:
-    """One HF encoder layer's tensors under `rest` (e.g. 'vision_model.encoder.layers.3.') -> timm block."""
-    out = {}
-    for hf, ours in (("layer_norm1", "norm1"), ("layer_norm2", "norm2"), ("self_attn.out_proj", "attn.proj"),
-                     ("mlp.fc1", "mlp.fc1"), ("mlp.fc2", "mlp.fc2")):
-        for p in ("weight", "bias"):
-            out[f"{ours}.{p}"] = get(f"{rest}{hf}.{p}")
-    for p in ("weight", "bias"):
-        out[f"attn.qkv.{p}"] = torch.cat([get(f"{rest}self_attn.{n}_proj.{p}") for n in "qkv"])
-    return out
+# HF encoder-layer names -> timm Block (vision) and open_clip ResidualAttentionBlock (text) names; the fused
+# q/k/v projection is the concatenation of HF's three, under the last entry's names
+_VISION_LAYER_NAMES = {"layer_norm1": "norm1", "layer_norm2": "norm2", "self_attn.out_proj": "attn.proj",
+                       "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2", "qkv": ("attn.qkv.weight", "attn.qkv.bias")}
+_TEXT_LAYER_NAMES = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "self_attn.out_proj": "attn.out_proj",
+                     "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj", "qkv": ("attn.in_proj_weight", "attn.in_proj_bias")}
 
 
-def _text_layer(rest: str, get) -> dict[str, torch.Tensor]:
+def _encoder_layer(rest: str, get, names: dict) -> dict[str, torch.Tensor]:
+    """One HF encoder layer's tensors under `rest` (e.g. 'vision_model.encoder.layers.3.') in vistok's names."""
     out = {}
-    for hf, ours in (("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"), ("self_attn.out_proj", "attn.out_proj"),
-                     ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")):
-        for p in ("weight", "bias"):
-            out[f"{ours}.{p}"] = get(f"{rest}{hf}.{p}")
-    out["attn.in_proj_weight"] = torch.cat([get(f"{rest}self_attn.{n}_proj.weight") for n in "qkv"])
-    out["attn.in_proj_bias"] = torch.cat([get(f"{rest}self_attn.{n}_proj.bias") for n in "qkv"])
+    for hf, ours in names.items():
+        if hf == "qkv":
+            for p, fused in zip(("weight", "bias"), ours):
+                out[fused] = torch.cat([get(f"{rest}self_attn.{n}_proj.{p}") for n in "qkv"])
+        else:
+            for p in ("weight", "bias"):
+                out[f"{ours}.{p}"] = get(f"{rest}{hf}.{p}")
     return out
 
 
@@ -270,7 +268,7 @@ def _vision(get, state: dict, grid: Optional[tuple[int, int]]) -> dict[str, torc
     out["patch_embed.proj.bias"] = get(f"{v}embeddings.patch_embedding.bias")
     out["pos_embed"] = positions[None]
     for i in _layer_indices(state, f"{v}encoder.layers."):
-        for k, t in _vision_layer(f"{v}encoder.layers.{i}.", get).items():
+        for k, t in _encoder_layer(f"{v}encoder.layers.{i}.", get, _VISION_LAYER_NAMES).items():
             out[f"blocks.{i}.{k}"] = t
     for p in ("weight", "bias"):
         out[f"norm.{p}"] = get(f"{v}post_layernorm.{p}")
@@ -289,7 +287,7 @@ def _text(get, state: dict) -> dict[str, torch.Tensor]:
     out = {"token_embedding.weight": get(f"{t}embeddings.token_embedding.weight"),
            "positional_embedding": get(f"{t}embeddings.position_embedding.weight")}
     for i in _layer_indices(state, f"{t}encoder.layers."):
-        for k, v in _text_layer(f"{t}encoder.layers.{i}.", get).items():
+        for k, v in _encoder_layer(f"{t}encoder.layers.{i}.", get, _TEXT_LAYER_NAMES).items():
             out[f"transformer.resblocks.{i}.{k}"] = v
     for p in ("weight", "bias"):
         out[f"ln_final.{p}"] = get(f"{t}final_layer_norm.{p}")
