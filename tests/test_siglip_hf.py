@@ -272,3 +272,11 @@ def test_explicit_geometry_refuses_unknown_vision_fields():
               "act": "gelu_tanh", "norm_eps": 1e-6, "pool": "map", "num_layer": 4}
     with pytest.raises(ValueError, match=r"unknown vision_cfg field\(s\) \['num_layer'\]"):
         SiglipTower(clip_config={"embed_dim": 16, "vision_cfg": vision}, with_text=False)
+
+
+def test_model_init_hf_folder_passes_the_config_checks():
+    """`--set model.init=<HF folder>` goes through load_config's family check (the preset decides the class)."""
+    from vistok.train.config import load_config
+
+    cfg = load_config("dualtoken-tiny", [f"model.init={HF / 'siglip2'}"])
+    assert cfg.model.init == str(HF / "siglip2")

@@ -36,8 +36,10 @@ class Objective:
         must be arguments of its class: both refused before anything is built."""
         from ..tokenizers.base import read_release_config, tokenizer_class
         from ..tokenizers.registry import get_preset
+        from ..tokenizers.siglip_hf import is_hf_siglip_folder
 
-        if cfg.model.init:
+        # an HF SigLIP folder as model.init initialises the preset's tower (see build_model): the preset decides
+        if cfg.model.init and not is_hf_siglip_folder(cfg.model.init):
             model_cls = tokenizer_class(read_release_config(Path(cfg.model.init))["_class_name"])
             source = f"model.init {cfg.model.init}"
         else:

@@ -70,7 +70,7 @@ def build_model(cfg: RunConfig, overrides: Optional[dict] = None, *, load_init: 
     an init release's weights are loaded strictly (skipped with load_init=False, e.g. for export)."""
     from pathlib import Path
 
-    from ..tokenizers.base import load_state_dict_strict, read_release, tokenizer_class
+    from ..tokenizers.base import load_state_dict_strict, read_release, read_release_config, tokenizer_class
     from ..tokenizers.registry import create_tokenizer
     from ..tokenizers.siglip_hf import is_hf_siglip_folder, siglip_init_args
 
@@ -85,7 +85,10 @@ def build_model(cfg: RunConfig, overrides: Optional[dict] = None, *, load_init: 
         args = {**siglip_init_args(hf_folder, image_size=size, preset=cfg.model.preset), **args}
     if not cfg.model.init or init_is_hf:
         return create_tokenizer(cfg.model.preset, **args)
-    config, weights = read_release(Path(cfg.model.init))
+    if load_init:
+        config, weights = read_release(Path(cfg.model.init))
+    else:  # export rebuilds the architecture only: the run's own weights replace the init's
+        config = read_release_config(Path(cfg.model.init))
     try:
         model = tokenizer_class(config["_class_name"])(**{**config["model_args"], **args})
     except TypeError as exc:
