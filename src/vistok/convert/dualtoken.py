@@ -318,8 +318,7 @@ def convert_dualtoken(src: str | os.PathLike, dst: str | os.PathLike, *, config:
     mapped.update(teacher)
     _check_fits(src, tok, mapped, unplaced)
     full = {k: v for k, v in tok.state_dict().items() if VISTOK_ONLY.match(k)}
-    load_state_dict_strict(tok, {**full, **{k: v.float() if v.is_floating_point() else v for k, v in mapped.items()}},
-                           target=f"DualToken (from {src})")
+    load_state_dict_strict(tok, {**full, **mapped}, target=f"DualToken (from {src})")  # copy_ casts to fp32
     tok.save_pretrained(dst, extra={"source": {"kind": "dualtoken", "file": src.name, "config": config_path.name,
                                                "pretrained_model": folder.name, "teacher": teacher_source,
                                                "epoch": ckpt.get("epoch")}})

@@ -23,7 +23,7 @@ import torch
 from ..tokenizers.base import load_state_dict_strict
 from ..tokenizers.mar import OFFICIAL_NUM_HEADS, OFFICIAL_SIZES, MARTokenizer
 from ..tokenizers.registry import get_preset
-from .checkpoint_io import read_checkpoint, strip_prefixes, unwrap_state_dict
+from .checkpoint_io import check_destination, read_checkpoint, strip_prefixes, unwrap_state_dict
 from .mar_kl import normalize_kl_state_dict
 
 HARMON_DROPPED = ("llm.", "proj_in.", "proj_out.")
@@ -98,14 +98,14 @@ def _build(sd: dict, model_args: dict, *, vae: Optional[dict], preprocess: dict,
     """Build the tokenizer, load the MAR weights strictly and the VAE from `kl16` (or `vae_sd`)."""
     vae = vae if vae is not None else _vae_args(sd["z_proj.weight"].shape[1], model_args["patch_size"], source)
     tok = MARTokenizer(**model_args, vae=vae, preprocess=preprocess)
-    load_state_dict_strict(tok.mar, {k: v.float() for k, v in sd.items()}, target=f"MAR transformer (from {source})")
+    load_state_dict_strict(tok.mar, sd, target=f"MAR transformer (from {source})")
     vae_from = None
     if kl16 is not None:
         vae_sd, vae_from = normalize_kl_state_dict(unwrap_state_dict(read_checkpoint(kl16))), Path(kl16).name
     elif vae_sd:
         vae_from = f"{Path(source).name} (vae.*)"
     if vae_sd:
-        load_state_dict_strict(tok.vae, {k: v.float() for k, v in vae_sd.items()}, target=f"KL-16 VAE (from {vae_from})")
+        load_state_dict_strict(tok.vae, vae_sd, target=f"KL-16 VAE (from {vae_from})")
     return tok.eval(), vae_from
 
 
@@ -122,6 +122,7 @@ def convert_mar(src: str | Path, dst: str | Path, *, ema: bool = True, num_heads
     ema: take `model_ema` (MAR's evaluation weights; `model` when the file has none);
     num_heads: override the head count; kl16: MAR's `kl16.ckpt` for the VAE;
     vae: KL constructor args replacing MAR KL-16's (tests use a small stride-16 VAE)."""
+    check_destination(dst, "mar")
     raw = read_checkpoint(src, allowed_globals=[argparse.Namespace])
     args = raw.get("args") if isinstance(raw, dict) and isinstance(raw.get("args"), argparse.Namespace) else None
     used = "state dict"
@@ -144,6 +145,7 @@ def convert_harmon(src: str | Path, dst: str | Path, *, num_heads: Optional[int]
     """A Harmon file (flat `mar.*`, `llm.*`, `proj_in.*`, `proj_out.*`) -> release directory `dst`
     holding Harmon's MAR (encoder, decoder, diffusion head); `llm.*` and the projectors are dropped
     and counted in the report. image_size: the preprocessing size (Harmon runs 512 px)."""
+    check_destination(dst, "harmon")
     flat = strip_prefixes(unwrap_state_dict(read_checkpoint(src, allowed_globals=[argparse.Namespace]),
                                             keys=("state_dict", "model")), ["module."])
     sd = {k[len("mar."):]: v for k, v in flat.items() if k.startswith("mar.")}
