@@ -22,7 +22,6 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from timm.models.vision_transformer import Block
 from torch import nn
 
 from ..losses.diffusion import DiffusionHead
@@ -30,9 +29,9 @@ from .base import TokenizerEncoding, VisualTokenizer, register_tokenizer
 from .kl import KLTokenizer
 
 #: Heads per width in the official factories (`mar_base`, `mar_large`, `mar_huge`); no file stores them.
-OFFICIAL_NUM_HEADS = {768: 12, 1024: 16, 1280: 16}
 #: `args.model` of a MAR checkpoint -> (width, depth, heads), from `models/mar.py`.
 OFFICIAL_SIZES = {"mar_base": (768, 12, 12), "mar_large": (1024, 16, 16), "mar_huge": (1280, 20, 16)}
+OFFICIAL_NUM_HEADS = {width: heads for width, _, heads in OFFICIAL_SIZES.values()}
 
 
 def resize_pos_embed(pos_embed: torch.Tensor, base_grid: tuple[int, int], grid: tuple[int, int],
@@ -92,6 +91,7 @@ class MARTransformer(nn.Module):
         seq_len = self.grid[0] * self.grid[1]
         self.token_dim, self.buffer_size = token_dim, buffer_size
         norm = partial(nn.LayerNorm, eps=norm_eps)
+        from timm.models.vision_transformer import Block  # here: timm costs ~2 s at `import vistok`
 
         def blocks(dim, depth, heads):
             return nn.ModuleList(Block(dim, heads, mlp_ratio, qkv_bias=True, norm_layer=norm, proj_drop=proj_dropout,

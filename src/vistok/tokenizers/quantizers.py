@@ -278,10 +278,12 @@ class ResidualQuantizer(nn.Module):
         if self.restart == "none":
             return
         # drawn at every update, as the official code does (so a seeded run follows its random
-        # stream); rank 0's draw is broadcast, so every rank replaces the same codes identically
-        draws = self._broadcast(self._draw(pool).contiguous())
+        # stream); rank 0's draw is broadcast, so every rank replaces the same codes identically.
+        # n_dead comes from all-reduced counts: every rank skips the collective together.
+        draws = self._draw(pool)
         if n_dead == 0:
             return
+        draws = self._broadcast(draws.contiguous())
         picks = draws[dead]  # dead code i takes draw i
         reset = self.restart_threshold if self.restart == "ema" else 1.0
         self.embed_avg[book][dead] = picks * reset
