@@ -6,7 +6,7 @@ import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional, Sequence
 
 
 def _umask() -> int:
@@ -49,11 +49,13 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def remove_stale_temps(directory: str | os.PathLike) -> list[Path]:
-    """Temp files `atomic_path` left in `directory` by a process killed mid-write (`.<name>.<random>.tmp`).
-    Only call this where no other process writes (e.g. a locked run folder, or before replacing a release)."""
+def remove_stale_temps(directory: str | os.PathLike, names: Optional[Sequence[str]] = None) -> list[Path]:
+    """Temp files `atomic_path` left in `directory` by a process killed mid-write (`.<name>.<random>.tmp`),
+    only those of `names` when given. Only call this where no other process writes those files (e.g. a
+    locked run folder, or the files of a release about to be replaced)."""
     directory = Path(directory)
-    stale = [p for p in directory.glob(".*.tmp") if p.is_file()] if directory.is_dir() else []
+    patterns = [f".{name}.*.tmp" for name in names] if names is not None else [".*.tmp"]
+    stale = [p for pat in patterns for p in directory.glob(pat) if p.is_file()] if directory.is_dir() else []
     for p in stale:
         p.unlink(missing_ok=True)
     return stale
