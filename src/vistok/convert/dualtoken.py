@@ -37,7 +37,7 @@ import torch
 
 from ..tokenizers.base import load_state_dict_strict
 from ..tokenizers.dualtoken import DualTokenTokenizer
-from ..tokenizers.siglip_hf import (clip_config_from_hf, hf_siglip_state_dict_to_vistok, read_hf_config,
+from ..tokenizers.siglip_hf import (clip_config_from_hf, hf_siglip_state_dict_to_vistok, key_list, read_hf_config,
                                     read_hf_weights)
 from .checkpoint_io import check_destination, read_checkpoint, strip_prefixes
 
@@ -277,10 +277,6 @@ def _teacher_state(pretrained: Path, model_state: dict[str, torch.Tensor]) -> tu
     return {"teacher." + k[len("visual."):]: v for k, v in tower.items() if k.startswith("visual.")}, source
 
 
-def _one_line(kind: str, keys: list[str]) -> str:
-    return f"{kind} {len(keys)}: {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}"
-
-
 def convert_dualtoken(src: str | os.PathLike, dst: str | os.PathLike, *, config: Optional[str | os.PathLike] = None,
                       pretrained: Optional[str | os.PathLike] = None, preset: Optional[str] = None) -> dict:
     """An official `epoch_N.pt` (+ its model config and the HF folder it names) -> a training-ready
@@ -335,6 +331,6 @@ def _check_fits(src: Path, tok: torch.nn.Module, mapped: dict, unplaced: list[st
     shapes = sorted(f"{k} {tuple(mapped[k].shape)} vs {tuple(s)}" for k, s in expected.items()
                     if k in mapped and mapped[k].shape != s)
     if missing or unexpected or shapes:
-        parts = [_one_line(kind, keys) for kind, keys in
+        parts = [key_list(kind, keys) for kind, keys in
                  (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes)) if keys]
         raise ValueError(f"{src} does not fit the DualToken built from its config: " + "; ".join(parts))

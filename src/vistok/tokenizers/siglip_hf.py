@@ -295,6 +295,11 @@ def _text(get, state: dict) -> dict[str, torch.Tensor]:
     return {f"text.{k}": v for k, v in out.items()}
 
 
+def key_list(kind: str, keys: list[str]) -> str:
+    """'missing 12: a, b, ... ' - a key-mismatch list cut to 8 names, for one-line errors."""
+    return f"{kind} {len(keys)}: {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}"
+
+
 def hf_siglip_state_dict_to_vistok(
     state: dict[str, torch.Tensor], *, prefix: Optional[str] = None, grid: Optional[tuple[int, int]] = None,
     with_text: Optional[bool] = None,
@@ -343,8 +348,7 @@ def hf_siglip_state_dict_to_vistok(
         used.update(k for k in ours if k.startswith("text_model.") or k in ("logit_scale", "logit_bias"))
     unknown = sorted(prefix + k for k in ours if k not in used)
     if missing or unknown:
-        parts = ([f"missing {len(missing)}: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}"] if missing else []) + \
-                ([f"unknown {len(unknown)}: {', '.join(unknown[:8])}{' ...' if len(unknown) > 8 else ''}"] if unknown else [])
+        parts = [key_list(kind, keys) for kind, keys in (("missing", missing), ("unknown", unknown)) if keys]
         raise ValueError("HF SigLIP state dict does not fit the SigLIP layout: " + "; ".join(parts))
     return out, dropped
 
