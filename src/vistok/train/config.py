@@ -35,7 +35,8 @@ class DataConfig:
     workers: int = _f(0, ge=0)
     crop_scale: tuple[float, float] = _f((0.9, 1.0), gt=0.0, le=1.0)  # RandomResizedCrop area range (open_clip's)
     hflip: bool = False
-    shuffle_buffer: int = _f(1000, ge=0)  # webdataset only
+    shuffle_buffer: int = _f(1000, ge=0)  # webdataset only: samples shuffled within this buffer (0 or 1: off)
+    shard_shuffle: int = _f(100, ge=0)  # webdataset only: shard order shuffled within this buffer per pass (0 or 1: off)
 
 
 @dataclass

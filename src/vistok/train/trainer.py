@@ -314,7 +314,8 @@ class Trainer:
         augment = Augment(self.model.preprocess_config, d.crop_scale, d.hflip)
         if is_webdataset(d.source):
             consumed = self.position[1]
-            stream = WebDatasetStream(d.source, augment, seed=t.seed, shuffle_buffer=d.shuffle_buffer, skip=consumed)
+            stream = WebDatasetStream(d.source, augment, seed=t.seed, shuffle_buffer=d.shuffle_buffer,
+                                      shard_shuffle=d.shard_shuffle, skip=consumed)
             self.per_rank = None
             return torch.utils.data.DataLoader(stream, batch_size=t.batch_size, num_workers=d.workers,
                                                collate_fn=collate_stream, generator=torch.Generator())
