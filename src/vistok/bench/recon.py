@@ -40,7 +40,11 @@ class ScoreResult:
 
 def reconstruct(tok, pixels: torch.Tensor) -> torch.Tensor:
     """Encode and decode (B, 3, H, W) pixels in [-1, 1]: latents for the KL family, ids otherwise."""
-    enc = tok.encode(pixels)
+    return decode_encoding(tok, tok.encode(pixels))
+
+
+def decode_encoding(tok, enc) -> torch.Tensor:
+    """`tok.decode` of an encoding: its latents for the KL family, its ids otherwise."""
     if enc.latents is not None:
         return tok.decode(latents=enc.latents)
     if enc.ids is None:

@@ -64,7 +64,8 @@ class TrainConfig:
     log_every: int = _f(10, ge=1)
     save_every: int = _f(1000, ge=1)
     keep_last: int = _f(3, ge=1)
-    image_every: int = _f(1000, ge=1)
+    image_every: int = _f(1000, ge=1)  # reconstruction grid of held-out images (and always at the last step)
+    eval_every: int = _f(1000, ge=1)  # held-out PSNR/SSIM/codebook usage (at step 0, every N steps and the last)
     ema_decay: Optional[float] = _f(None, gt=0.0, lt=1.0)
     grad_checkpointing: bool = False
     export: bool = True  # write OUT/export (a release directory) at the end

@@ -74,6 +74,30 @@ def read_items(source: str) -> list[Item]:
     return items
 
 
+def item_group(item: Item) -> str:
+    """What an item was taken from: a built-in crop's photo, otherwise the image file's folder."""
+    if item.name and not isinstance(item.image, (str, os.PathLike)):  # built-in crops are PIL images
+        from ..builtin import photo_of
+
+        return photo_of(item.name)
+    return str(Path(item.name).parent)
+
+
+def spread_indices(groups: Sequence[str], k: int) -> list[int]:
+    """Up to k indices spread over the groups (photos, folders): the k places are dealt round-robin over the
+    groups in order of first appearance, and each group's places are evenly spaced within it."""
+    members: dict[str, list[int]] = {}
+    for index, group in enumerate(groups):
+        members.setdefault(group, []).append(index)
+    lists = list(members.values())
+    counts, turn = [0] * len(lists), 0
+    while sum(counts) < min(k, len(groups)):
+        if counts[turn] < len(lists[turn]):
+            counts[turn] += 1
+        turn = (turn + 1) % len(lists)
+    return sorted(lst[(2 * q + 1) * len(lst) // (2 * c)] for lst, c in zip(lists, counts) for q in range(c))
+
+
 def is_webdataset(source: str) -> bool:
     return source.endswith(".tar") or ("{" in source and ".tar" in source)
 
