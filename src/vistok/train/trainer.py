@@ -474,10 +474,11 @@ class Trainer:
         finally:
             self.model.train(was)
         scores = {"psnr": float(torch.cat(psnr).mean()), "ssim": float(torch.cat(ssim).mean()) if ssim else None}
-        for name in counter.counts if counter is not None else ():
-            rows = [r for r in counter.results() if r.codebook == name and r.depth != "all"]
-            scores[f"codebook/{name}/usage"] = sum(r.usage for r in rows) / len(rows)
-            scores[f"codebook/{name}/perplexity"] = sum(r.perplexity for r in rows) / len(rows)
+        rows = counter.results() if counter is not None else []
+        for name in dict.fromkeys(r.codebook for r in rows):
+            depths = [r for r in rows if r.codebook == name and r.depth != "all"]
+            scores[f"codebook/{name}/usage"] = sum(r.usage for r in depths) / len(depths)
+            scores[f"codebook/{name}/perplexity"] = sum(r.perplexity for r in depths) / len(depths)
         return scores
 
     def save_images(self, pixels: Optional[torch.Tensor], writer=None) -> None:
