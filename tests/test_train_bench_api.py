@@ -128,3 +128,16 @@ def test_bench_recon_function_scores_a_built_tokenizers_round_trip():
         vistok.bench_recon(3, "builtin:photos")
     with pytest.raises(ValueError, match="no discrete codebooks"):
         vistok.bench_codebook(tok, "builtin:photos", limit=1, progress=False)
+
+
+def test_resolve_config_takes_recipes_files_dicts_and_run_configs_alike(tmp_path):
+    from vistok.train.api import resolve_config
+    from vistok.train.config import load_config
+
+    expected = load_config("kl-tiny", ["train.steps=3", "data.hflip=true"]).to_dict()
+    path = tmp_path / "kl.json"
+    path.write_text(json.dumps(load_config("kl-tiny").to_dict()))
+    for source in ("kl-tiny", path, str(path), load_config("kl-tiny"), load_config("kl-tiny").to_dict()):
+        assert resolve_config(source, overrides={"train.steps": 3}, set=["data.hflip=true"]).to_dict() == expected
+    with pytest.raises(ValueError, match="overrides train.steps.x: 'steps' is not a section"):
+        resolve_config("kl-tiny", overrides={"train.steps.x": 1})
