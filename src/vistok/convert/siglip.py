@@ -10,12 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
+from ..tokenizers.registry import create_tokenizer
+from ..tokenizers.siglip_hf import is_hf_siglip_folder, siglip_init_args
+from .checkpoint_io import check_destination
+
 
 def convert_siglip(src: str | Path, dst: str | Path, *, preset: Optional[str] = None, **overrides) -> dict:
-    from ..tokenizers.registry import create_tokenizer
-    from ..tokenizers.siglip_hf import is_hf_siglip_folder, siglip_init_args
-    from .checkpoint_io import check_destination
-
     check_destination(dst, "siglip")
 
     preset = preset or "dualtoken-so400m-384"

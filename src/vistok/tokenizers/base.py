@@ -17,35 +17,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Optional, Sequence
 
 import torch
-from safetensors.torch import load_file, save_model
+from safetensors.torch import save_model
 from torch import nn
 
-from .. import __version__
+from .._version import __version__
 from ..fileio import atomic_path, remove_stale_temps
 from ..images import ImageLike, PreprocessConfig, list_image_files, load_image, pil_to_pixels, preprocess_image
+# re-exported: these lived here before the weights helpers moved down to vistok.weights
+from ..weights import (CONFIG_NAME, WEIGHTS_NAME, CheckpointMismatchError, check_model_args,  # noqa: F401
+                       load_state_dict_strict, read_release, read_release_config, register_tokenizer, tokenizer_class)
 
 if TYPE_CHECKING:
     from .kl import DiagonalGaussian
     from .layout import TokenLayout
-
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-
-_TOKENIZER_CLASSES: dict[str, type["VisualTokenizer"]] = {}
-
-
-def register_tokenizer(cls):
-    """Class decorator: make a tokenizer class constructible from a config's `_class_name`."""
-    _TOKENIZER_CLASSES[cls.__name__] = cls
-    return cls
-
-
-def tokenizer_class(name: str) -> type["VisualTokenizer"]:
-    try:
-        return _TOKENIZER_CLASSES[name]
-    except KeyError:
-        raise ValueError(f"unknown tokenizer class {name!r}; known: {sorted(_TOKENIZER_CLASSES)}") from None
-
 
 @dataclass(frozen=True)
 class CodebookSpec:
@@ -69,52 +53,6 @@ class TokenizerEncoding:
     pooled: Optional[torch.Tensor] = None  # (B, E) CLIP-space embedding
     latent_dist: Optional["DiagonalGaussian"] = None  # KL family: unscaled posterior
     latents: Optional[torch.Tensor] = None  # KL family: scaled latents (B, C, h, w)
-
-
-class CheckpointMismatchError(ValueError):
-    """Weights that do not fit the model: lists every missing, unexpected and mis-shaped key."""
-
-    def __init__(self, target: str, missing=(), unexpected=(), mismatched=()):
-        self.missing, self.unexpected, self.mismatched = list(missing), list(unexpected), list(mismatched)
-        parts = []
-        if self.missing:
-            parts.append(f"{len(self.missing)} missing key(s): {_clip(self.missing)}")
-        if self.unexpected:
-            parts.append(f"{len(self.unexpected)} unexpected key(s): {_clip(self.unexpected)}")
-        if self.mismatched:
-            shapes = [f"{k} (checkpoint {tuple(a)} vs model {tuple(b)})" for k, a, b in self.mismatched]
-            parts.append(f"{len(shapes)} shape mismatch(es): {_clip(shapes)}")
-        super().__init__(f"weights do not match {target}: " + "; ".join(parts))
-
-
-def _clip(items: Sequence[str], limit: int = 20) -> str:
-    shown = ", ".join(items[:limit])
-    return shown + (f", ... (+{len(items) - limit} more)" if len(items) > limit else "")
-
-
-def load_state_dict_strict(module: nn.Module, state_dict: dict[str, torch.Tensor], target: str = "") -> None:
-    """Strict load that names every problem. Keys that alias one tensor in the module (a shared
-    codebook) may appear once in `state_dict`, as safetensors' `save_model` stores them."""
-    expected = module.state_dict()
-    state_dict = dict(state_dict)
-    by_storage: dict[tuple, list[str]] = {}
-    for k, v in expected.items():
-        by_storage.setdefault((v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape)), []).append(k)
-    for names in by_storage.values():
-        present = [n for n in names if n in state_dict]
-        for n in names:
-            if present and n not in state_dict:
-                state_dict[n] = state_dict[present[0]]
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    mismatched = [
-        (k, state_dict[k].shape, expected[k].shape)
-        for k in expected
-        if k in state_dict and state_dict[k].shape != expected[k].shape
-    ]
-    if missing or unexpected or mismatched:
-        raise CheckpointMismatchError(target or type(module).__name__, missing, unexpected, mismatched)
-    module.load_state_dict(state_dict, strict=True)
 
 
 def _jsonable(value: Any) -> Any:
@@ -447,16 +385,6 @@ def _embed_contract(fn):
     return embed
 
 
-def _network_flags(value: Any, key: str) -> list[str]:
-    """Keys under `value` that would make a library download weights (timm / open_clip `*pretrained*`)."""
-    if isinstance(value, dict):
-        return [k for name, v in value.items() for k in _network_flags(v, f"{key}.{name}")] + \
-            [f"{key}.{name}" for name, v in value.items() if "pretrained" in str(name).lower() and v not in (None, False, "")]
-    if isinstance(value, list):
-        return [k for i, v in enumerate(value) for k in _network_flags(v, f"{key}[{i}]")]
-    return []
-
-
 def build_checked(cls: type["VisualTokenizer"], args: dict, source: str) -> "VisualTokenizer":
     """`cls(**args)` after `check_model_args`; a value the constructor still rejects (a range, a combination)
     is a ValueError naming `source` rather than whatever the layer code raised."""
@@ -464,64 +392,3 @@ def build_checked(cls: type["VisualTokenizer"], args: dict, source: str) -> "Vis
         return cls(**args)
     except (TypeError, ValueError, ArithmeticError, KeyError, IndexError, AttributeError, RuntimeError) as exc:
         raise ValueError(f"{source}: model_args do not build a {cls.__name__}: {type(exc).__name__}: {exc}") from None
-
-
-def check_model_args(cls: type["VisualTokenizer"], args: Any, source: str, *, release: bool) -> dict:
-    """Constructor arguments from JSON, checked before anything is built: keys `cls` takes, each of its
-    annotated type, no flag that would download weights, and (release=True) no load-time file argument,
-    since a release holds its weights. Raises ValueError naming `source` and the key."""
-    from ..schema import check_kwargs
-
-    try:
-        args = check_kwargs(cls.__init__, args, "model_args", what=cls.__name__)
-    except ValueError as exc:
-        raise ValueError(f"{source}: {exc}") from None
-    flags = _network_flags(args, "model_args")
-    if flags:
-        raise ValueError(f"{source}: {', '.join(flags)} would download pretrained weights; vistok never reaches the "
-                         "network when building a model (a release holds its weights): set them to false")
-    if release:
-        files = [f"model_args.{k}" for k in cls.load_time_args if args.get(k) is not None]
-        if files:
-            raise ValueError(f"{source}: {', '.join(files)} names a file read at construction, but a release holds its "
-                             "own weights: set it to null")
-    return args
-
-
-def read_release_config(directory: Path) -> dict:
-    """A release directory's config.json, checked: a JSON object with a known `_class_name` and `model_args`
-    that fit that class (see `check_model_args`). Raises FileNotFoundError / ValueError naming the file."""
-    cfg_path = directory / CONFIG_NAME
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"{directory} is not a vistok release directory: missing {CONFIG_NAME}")
-    try:
-        config = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{cfg_path} is not valid JSON: {exc}") from exc
-    if not isinstance(config, dict):
-        raise ValueError(f"{cfg_path} must hold a JSON object with '_class_name' and 'model_args', got "
-                         f"{type(config).__name__} {str(config)[:60]!r}: not a vistok config")
-    if "_class_name" not in config or "model_args" not in config:
-        raise ValueError(f"{cfg_path} lacks '_class_name' / 'model_args': not a vistok config")
-    if not isinstance(config["_class_name"], str):
-        raise ValueError(f"{cfg_path}: _class_name must be a string naming the tokenizer class, got "
-                         f"{config['_class_name']!r}")
-    try:
-        cls = tokenizer_class(config["_class_name"])
-    except ValueError as exc:
-        raise ValueError(f"{cfg_path}: _class_name: {exc}") from None
-    config["model_args"] = check_model_args(cls, config["model_args"], str(cfg_path), release=True)
-    return config
-
-
-def read_release(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Read a release directory's config (checked, see `read_release_config`) and weights (no model built)."""
-    config = read_release_config(directory)
-    weights_path = directory / WEIGHTS_NAME
-    if not weights_path.is_file():
-        raise FileNotFoundError(f"{directory} is not a vistok release directory: missing {weights_path.name}")
-    try:
-        weights = load_file(str(weights_path))
-    except Exception as exc:  # safetensors raises its own error types for truncated files
-        raise ValueError(f"cannot read {weights_path}: {exc}") from exc
-    return config, weights

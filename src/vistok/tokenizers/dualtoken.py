@@ -15,7 +15,6 @@ layer through one codebook ("semantic" ids feed the decoder too).
 from __future__ import annotations
 
 import contextlib
-import os
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -23,11 +22,11 @@ import torch
 import torch.nn.functional as F
 
 from ..images import PreprocessConfig
-from .base import CodebookSpec, TokenizerEncoding, VisualTokenizer, load_state_dict_strict, register_tokenizer
+from .base import CodebookSpec, TokenizerEncoding, VisualTokenizer, register_tokenizer
 from .decoders import Decoder, ResnetBlock, attn_levels_for
 from .projection import make_projection
 from .quantizers import QuantizerOutput, ResidualQuantizer
-from .siglip import SiglipTower, embed_patches, pool, run_blocks
+from .siglip import SiglipTower, embed_patches, load_siglip_weights, pool, run_blocks  # noqa: F401 (re-exported)
 
 VARIANTS = ("dual", "naive")
 DEFAULT_DECODER = {"ch": 128, "ch_mult": [1, 1, 4, 4, 8], "num_res_blocks": 2, "attn_resolutions": [24],
@@ -347,24 +346,3 @@ class DualTokenTokenizer(VisualTokenizer):
             raise NotImplementedError("this tokenizer was built without the text tower (with_text=False)")
         image = F.normalize(pooled, dim=-1)
         return self.siglip.logit_scale.exp() * image @ text_features.T + self.siglip.logit_bias
-
-
-def load_siglip_weights(tower: SiglipTower, path: str) -> None:
-    """SigLIP weights into the tower, strictly: an open_clip weights file (safetensors or torch pickle,
-    `state_dict` / `module.` unwrapped), or an HF transformers SigLIP / SigLIP2 folder (config.json +
-    model.safetensors), whose geometry must be the one the tower was built with (build with
-    `siglip_hf.siglip_init_args(folder)`, as `vistok convert siglip` does). Without a text tower the
-    text keys are skipped."""
-    from ..convert.checkpoint_io import read_checkpoint, strip_prefixes, unwrap_state_dict
-    from .siglip_hf import is_hf_siglip_folder, load_hf_siglip_folder_into
-
-    if is_hf_siglip_folder(path):
-        load_hf_siglip_folder_into(tower, path)
-        return
-    if os.path.isdir(path):
-        raise ValueError(f"{path} is a directory but not an HF SigLIP folder (config.json with model_type siglip "
-                         "or siglip2): give an open_clip weights file or an HF SigLIP / SigLIP2 folder")
-    state = strip_prefixes(unwrap_state_dict(read_checkpoint(path)), ["module."])
-    if not hasattr(tower, "text"):
-        state = {k: v for k, v in state.items() if not k.startswith(("text.", "logit_scale", "logit_bias"))}
-    load_state_dict_strict(tower, state, target=f"SigLIP tower from {path}")

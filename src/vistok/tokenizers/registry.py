@@ -11,8 +11,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Optional
 
-from .base import (VisualTokenizer, build_checked, check_model_args, load_state_dict_strict, read_release,
-                   tokenizer_class)
+from ..weights import check_model_args, load_state_dict_strict, read_release, tokenizer_class
+from .base import VisualTokenizer, build_checked
 
 HF_HUB_PREFIX = "hf-hub:"
 

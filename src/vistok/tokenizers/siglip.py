@@ -22,7 +22,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .siglip_hf import tokenizer_hint
+from ..weights import load_state_dict_strict, read_checkpoint, strip_prefixes, unwrap_state_dict
+from .siglip_hf import is_hf_siglip_folder, load_hf_siglip_folder_into, tokenizer_hint
 
 TINY_TRUNK = "vit_tiny_patch8_siglip_64_vistok"
 
@@ -265,3 +266,21 @@ def build_text_tokenizer(spec: Optional[str], context_length: int, *, hint: Opti
                      "text_tokenizer to a local directory holding them (the HF SigLIP folder's tokenizer files, or "
                      "any tokenizer saved with save_pretrained), 'hf:NAME' with a filled Hugging Face cache, or pass "
                      "token ids to encode_text")
+
+
+def load_siglip_weights(tower: SiglipTower, path: str) -> None:
+    """SigLIP weights into the tower, strictly: an open_clip weights file (safetensors or torch pickle,
+    `state_dict` / `module.` unwrapped), or an HF transformers SigLIP / SigLIP2 folder (config.json +
+    model.safetensors), whose geometry must be the one the tower was built with (build with
+    `siglip_hf.siglip_init_args(folder)`, as `vistok convert siglip` does). Without a text tower the
+    text keys are skipped."""
+    if is_hf_siglip_folder(path):
+        load_hf_siglip_folder_into(tower, path)
+        return
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a directory but not an HF SigLIP folder (config.json with model_type siglip "
+                         "or siglip2): give an open_clip weights file or an HF SigLIP / SigLIP2 folder")
+    state = strip_prefixes(unwrap_state_dict(read_checkpoint(path)), ["module."])
+    if not hasattr(tower, "text"):
+        state = {k: v for k, v in state.items() if not k.startswith(("text.", "logit_scale", "logit_bias"))}
+    load_state_dict_strict(tower, state, target=f"SigLIP tower from {path}")

@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..images import PreprocessConfig
-from .base import (CodebookSpec, TokenizerEncoding, VisualTokenizer, load_state_dict_strict, read_release,
-                   register_tokenizer)
-from .siglip import SiglipTower, embed_patches, pool, run_blocks
+from ..weights import load_state_dict_strict, read_release
+from .base import CodebookSpec, TokenizerEncoding, VisualTokenizer, register_tokenizer
+from .siglip import SiglipTower, embed_patches, load_siglip_weights, pool, run_blocks
 from .vqgan import VQGANTokenizer
 
 
@@ -75,8 +75,6 @@ class TokLIPTokenizer(VisualTokenizer):
             raise ValueError(f"the VQ gives {grid}x{grid} ids at {size} px but the trunk's position embedding has "
                              f"{tokens} positions; set preprocess.image_size to {int(tokens ** 0.5) * self.vq.stride}")
         if siglip_weights:
-            from .dualtoken import load_siglip_weights
-
             load_siglip_weights(self.siglip, siglip_weights)
         if vq_weights:
             load_state_dict_strict(self.vq, read_release(Path(vq_weights))[1], target=f"VQGAN from {vq_weights}")
