@@ -20,7 +20,7 @@ import json
 import pickle
 import zipfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -28,9 +28,6 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .schema import check_kwargs
-
-if TYPE_CHECKING:
-    from .tokenizers.base import VisualTokenizer
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -217,7 +214,7 @@ def load_state_dict_strict(module: nn.Module, state_dict: dict[str, torch.Tensor
 
 
 # ---------------------------------------- release directories
-_TOKENIZER_CLASSES: dict[str, type["VisualTokenizer"]] = {}
+_TOKENIZER_CLASSES: dict[str, type[nn.Module]] = {}
 
 
 def register_tokenizer(cls):
@@ -226,7 +223,8 @@ def register_tokenizer(cls):
     return cls
 
 
-def tokenizer_class(name: str) -> type["VisualTokenizer"]:
+def tokenizer_class(name: str) -> type[nn.Module]:
+    """The tokenizer class registered under `name` (a config's `_class_name`); ValueError listing the known ones."""
     try:
         return _TOKENIZER_CLASSES[name]
     except KeyError:
@@ -243,7 +241,7 @@ def _network_flags(value: Any, key: str) -> list[str]:
     return []
 
 
-def check_model_args(cls: type["VisualTokenizer"], args: Any, source: str, *, release: bool) -> dict:
+def check_model_args(cls: type[nn.Module], args: Any, source: str, *, release: bool) -> dict:
     """Constructor arguments from JSON, checked before anything is built: keys `cls` takes, each of its
     annotated type, no flag that would download weights, and (release=True) no load-time file argument,
     since a release holds its weights. Raises ValueError naming `source` and the key."""

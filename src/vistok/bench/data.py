@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..builtin import resolve_builtin
 from ..images import list_image_files, load_image, pil_to_pixels, preprocess_image
 
 BUILTIN_PREFIX = "builtin:"
@@ -97,8 +98,6 @@ def image_folder(root: str | Path, *, limit: Optional[int] = None) -> tuple[list
 
 
 def builtin_items(spec: str) -> list[ImageItem]:
-    from ..builtin import resolve_builtin
-
     return [ImageItem(name, image) for name, image in resolve_builtin(spec)]
 
 

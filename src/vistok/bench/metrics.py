@@ -19,6 +19,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..losses.lpips import find_backbone, load_lpips
+
 SSIM_WINDOW, SSIM_SIGMA, SSIM_K1, SSIM_K2, DATA_RANGE = 11, 1.5, 0.01, 0.03, 255.0
 UINT8_RULE = "uint8 = round(clamp((x + 1) / 2, 0, 1) * 255)"
 
@@ -118,8 +120,6 @@ class LPIPS(_PerImageMean):
     name = "lpips"
 
     def __init__(self, net: str = "vgg", weights: Optional[str] = None, device: str = "cpu"):
-        from ..losses.lpips import find_backbone, load_lpips
-
         super().__init__()
         self.net, self.weights = net, str(find_backbone(net, weights))
         self.model = load_lpips(net, self.weights).to(device)

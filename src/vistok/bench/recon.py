@@ -38,16 +38,6 @@ class ScoreResult:
                 "settings": self.settings}
 
 
-def reconstruct(tok, pixels: torch.Tensor) -> torch.Tensor:
-    """Encode and decode (B, 3, H, W) pixels in [-1, 1]: latents for the KL family, ids otherwise."""
-    enc = tok.encode(pixels)
-    if enc.latents is not None:
-        return tok.decode(latents=enc.latents)
-    if enc.ids is None:
-        raise ValueError(f"{type(tok).__name__}.encode returned neither latents nor ids: nothing to decode")
-    return tok.decode(ids=enc.ids)
-
-
 def recon_preprocess(tok, resolution: Optional[int] = None) -> PreprocessConfig:
     cfg = tok.preprocess_config
     if resolution is None:
@@ -113,7 +103,7 @@ def bench_recon(tok, images: ImageSet, metrics: list, *, errors: Optional[dict] 
         names = [item.name for item in batch.items]
         reference = _stack(batch.values, names).to(device)
         pixels = tok.validate_pixels(reference.float() / 127.5 - 1.0)
-        test = to_uint8(reconstruct(tok, pixels))
+        test = to_uint8(tok.reconstruct(pixels))
         for metric in metrics:
             metric.update(reference, test)
         if out is not None:

@@ -78,6 +78,10 @@ class VisualTokenizer(nn.Module):
     # constructor arguments naming files read once at construction (e.g. third-party weights): a saved
     # release holds those weights itself, so its config records None for them
     load_time_args: ClassVar[tuple[str, ...]] = ()
+    #: Parts that never train, as attribute paths of submodules or parameters ("teacher", "siglip.text",
+    #: "siglip.logit_bias"): after construction their gradients are off, and `train()` keeps the modules
+    #: among them in eval mode. Paths a particular configuration lacks (no teacher, no text tower) are skipped.
+    frozen_modules: ClassVar[tuple[str, ...]] = ()
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -95,6 +99,7 @@ class VisualTokenizer(nn.Module):
                 raise TypeError(f"{cls.__name__}: {exc}; valid arguments: {valid}") from None
             bound.apply_defaults()
             init(self, *args, **kw)
+            self._freeze()  # idempotent: each __init__ of a subclass chain re-applies it to what exists by then
             # the most derived __init__ records its arguments (and a subclass without one inherits these)
             if type(self) is cls or "_config_args" not in self.__dict__:
                 args_ = {k: _jsonable(v) for k, v in bound.arguments.items() if k != "self"}
@@ -114,6 +119,8 @@ class VisualTokenizer(nn.Module):
 
     @property
     def preprocess_config(self) -> PreprocessConfig:
+        """The resolved `PreprocessConfig` (image size, crop, interpolation, mean/std): the config's
+        `preprocess` over the family's `default_preprocess`. What `preprocess` applies."""
         return PreprocessConfig.from_any(self.config.get("preprocess"), **self.default_preprocess)
 
     @property
@@ -123,14 +130,19 @@ class VisualTokenizer(nn.Module):
 
     @property
     def codebooks(self) -> dict[str, CodebookSpec]:
+        """name -> `CodebookSpec(size, depth, dim, shared)` of each discrete vocabulary, in the order
+        `enc.ids`, `embed` and `token_layout` use; `{}` for continuous families (KL, MAR)."""
         return {}
 
     @property
     def scaling_factor(self) -> Optional[float]:
+        """The latent scale: `enc.latents = scaling_factor * z` and `decode` divides by it (LDM's
+        convention); None for families without latents."""
         return None
 
     @property
     def device(self) -> torch.device:
+        """The device of the parameters: where `encode`, `decode` and `embed` move their inputs."""
         return next(self.parameters()).device
 
     @property
@@ -178,10 +190,47 @@ class VisualTokenizer(nn.Module):
             out[name] = x
         return out
 
+    # ----------------------------------------------------------------------------- frozen parts
+    def _frozen_parts(self) -> list[nn.Module | nn.Parameter]:
+        parts = []
+        for path in self.frozen_modules:
+            part: Any = self
+            for name in path.split("."):
+                part = getattr(part, name, None)
+            if part is not None:
+                parts.append(part)
+        return parts
+
+    def _freeze(self) -> None:
+        for part in self._frozen_parts():
+            part.requires_grad_(False)
+            if isinstance(part, nn.Module):
+                part.eval()
+
+    def train(self, mode: bool = True) -> "VisualTokenizer":
+        """`nn.Module.train`, except that the parts in `frozen_modules` stay in eval mode (a frozen teacher,
+        text tower or VQ never runs dropout or updates running statistics)."""
+        super().train(mode)
+        for part in self._frozen_parts():
+            if isinstance(part, nn.Module):
+                part.eval()
+        return self
+
+    def require_teacher(self) -> nn.Module:
+        """The frozen teacher tower that training distils from. Raises ValueError for a tokenizer built
+        with `with_teacher=False` (an inference release), naming the fix."""
+        teacher = getattr(self, "teacher", None)
+        if teacher is None:
+            raise ValueError(f"this {type(self).__name__} was built with with_teacher=False; training needs the "
+                             "teacher (build it from the SigLIP weights instead of an inference release)")
+        return teacher
+
     def num_parameters(self) -> int:
+        """The number of parameter elements, frozen parts (teacher, text tower) included."""
         return sum(p.numel() for p in self.parameters())
 
     def grid_for(self, height: int, width: int) -> tuple[int, int]:
+        """The token grid (h, w) of an H x W input: (H // stride, W // stride) unless the family fixes it."""
         return height // self.stride, width // self.stride
 
     # ----------------------------------------------------------------------------- input
@@ -214,8 +263,12 @@ class VisualTokenizer(nn.Module):
         return pixels
 
     def preprocess(self, images: ImageLike | Sequence[ImageLike]) -> torch.Tensor:
-        """PIL images, HxWx3 uint8 arrays, files or directories -> (B, 3, H, W) in [-1, 1],
-        using the preprocessing stored in this tokenizer's config."""
+        """PIL images, HxWx3 uint8 arrays, image files or directories (searched recursively, sorted) ->
+        (B, 3, H, W) float32 in [-1, 1], resized and cropped as this tokenizer's `preprocess_config` says.
+
+        Raises ValueError for a pixel tensor (those go straight to `encode`), no images, an unreadable or
+        too-small image, or images of different sizes after preprocessing (crop "none");
+        FileNotFoundError for a missing path."""
         if isinstance(images, torch.Tensor):
             raise ValueError("preprocess takes PIL images, arrays or paths; a pixel tensor in [-1, 1] goes "
                              "straight to tok.encode")
@@ -242,19 +295,76 @@ class VisualTokenizer(nn.Module):
         return self.validate_pixels(torch.stack(tensors))
 
     # ----------------------------------------------------------------------------- API
-    def encode(self, pixels: torch.Tensor, **kwargs) -> TokenizerEncoding:
+    def encode(self, pixels: torch.Tensor, **options) -> TokenizerEncoding:
+        """Pixels -> tokens.
+
+        pixels: (B, 3, H, W) float in [-1, 1] (see `preprocess`); H and W fit `check_image_size` (positive
+        multiples of `stride`; a SigLIP tower takes exactly its own size). Other float dtypes and devices are
+        moved to the model's; B = 0 gives 0-row outputs of the right shapes. `options`: the family's keyword
+        options (`encode_options`; the KL and MAR families take `sample` and `generator`).
+
+        Returns a `TokenizerEncoding` (fields a family does not define stay None): `grid` (h, w); `ids`
+        {name: int64 (B, h, w, depth)} in [0, codebooks[name].size); `quantized` {name: (B, h*w, dim)} code
+        vectors summed over depth; `features` (B, h*w, width) continuous features for understanding (MAR:
+        (B, buffer_size + h*w, width), buffer first); `pooled` (B, E) CLIP-space embedding; `latent_dist` the
+        unscaled diagonal Gaussian posterior and `latents` (B, C, h, w) = scaling_factor * (its mean, or a
+        sample). Does not switch off autograd and never updates codebooks.
+
+        Raises ValueError naming the problem for anything but such pixels (not a tensor, rank, channels,
+        integer dtype, size, NaN/Inf, values outside [-1, 1])."""
         raise NotImplementedError
 
     def decode(self, *, ids: Optional[dict] = None, latents: Optional[torch.Tensor] = None, **kwargs) -> torch.Tensor:
+        """Tokens -> images: `decode(ids=enc.ids)` for discrete families, `decode(latents=enc.latents)`
+        for continuous ones (keyword arguments only).
+
+        ids: {name: integer (B, h, w, depth)} of any integer dtype (tensor, array or list), checked against
+        each codebook's size; latents: float (B, C, h, w) scaled latents. Family options: `clamp` (default
+        True). Returns (B, 3, H, W) in [-1, 1] (unclamped with clamp=False), in the model's dtype.
+
+        Raises ValueError for the wrong kind of tokens, a missing codebook, ids out of range, bool / float /
+        complex ids, wrong shapes, and NaN/Inf latents; TypeError for positional arguments."""
         raise NotImplementedError
 
+    def reconstruct(self, pixels: torch.Tensor, **encode_options) -> torch.Tensor:
+        """decode(encode(pixels)): (B, 3, H, W) float pixels in [-1, 1] -> images of the same shape in [-1, 1],
+        in the model's dtype. Through the latents where the encoding has them (KL, MAR), else through the ids.
+        `encode_options` go to the family's `encode` (see `encode_options`, e.g. the KL family's
+        `sample=True, generator=g`). Raises what `encode` and `decode` raise for bad input."""
+        enc = self.encode(pixels, **encode_options)
+        if enc.latents is not None:
+            return self.decode(latents=enc.latents)
+        if enc.ids is None:
+            raise ValueError(f"{type(self).__name__}.encode returned neither latents nor ids: nothing to decode")
+        return self.decode(ids=enc.ids)
+
+    @property
+    def encode_options(self) -> tuple[str, ...]:
+        """The keyword options this family's `encode` takes besides the pixels (the KL and MAR families:
+        `("sample", "generator")`; none elsewhere)."""
+        params = inspect.signature(type(self).encode).parameters.values()
+        return tuple(p.name for p in params if p.kind is p.KEYWORD_ONLY)
+
     def embed(self, ids: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Discrete ids -> LLM-input embeddings per position, (B, h*w, D) float: DualToken the depth-summed
+        pixel and semantic code vectors concatenated (D = 2 * code_dim), VQGAN the unit code vectors
+        (D = codebook dim), TokLIP the token encoder's features (D = width). ids as `decode` takes them.
+
+        Raises NotImplementedError for continuous families (no ids) and ValueError for bad ids."""
         raise NotImplementedError(f"{type(self).__name__} has no discrete ids to embed")
 
     def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
+        """Texts (strings, or int64 token ids (B, context_length)) -> L2-normalised text embeddings (B, E) in
+        the CLIP space of `enc.pooled`, where the family has a text tower (DualToken, TokLIP).
+
+        Raises NotImplementedError without a text tower, and ValueError when strings need a tokenizer
+        that is not configured (`text_tokenizer`)."""
         raise NotImplementedError(f"{type(self).__name__} has no text tower")
 
     def token_layout(self, text_vocab_size: int, **kwargs) -> "TokenLayout":
+        """Place this tokenizer's codebooks in an LLM vocabulary after `text_vocab_size` text ids and the
+        special tokens (`TokenLayout.from_codebooks`; kwargs: `specials`). Raises NotImplementedError for
+        continuous families and ValueError for a negative vocabulary size."""
         from .layout import TokenLayout
 
         if not self.codebooks:
@@ -268,6 +378,9 @@ class VisualTokenizer(nn.Module):
         return [p for p in self.parameters() if p.requires_grad]
 
     def release_config(self) -> dict:
+        """What `save_pretrained` writes as config.json: class name, family, vistok version, `model_args`
+        (load-time file arguments set to None: the release holds those weights), preprocessing, codebook
+        specs and scaling factor."""
         return {
             "_class_name": type(self).__name__,
             "family": self.family,
@@ -288,8 +401,10 @@ class VisualTokenizer(nn.Module):
                                  f"({built[key]!r}); edit model_args, which is what loading uses")
 
     def save_pretrained(self, directory: str | os.PathLike, *, extra: Optional[dict] = None) -> Path:
-        """Write `config.json` + `model.safetensors`; each file is replaced atomically, weights first,
-        so an interrupted save never leaves a config pointing at partial weights."""
+        """Write a release directory: `config.json` (`release_config()` updated with `extra`) +
+        `model.safetensors`, creating the directory. Each file is replaced atomically, weights first, so an
+        interrupted save never leaves a config pointing at partial weights; `load_tokenizer` reloads it
+        exactly. Returns the directory; raises OSError (the old files unchanged) when a file cannot be written."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         config = self.release_config()
@@ -310,6 +425,9 @@ class VisualTokenizer(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **kwargs) -> "VisualTokenizer":
+        """`load_tokenizer(path, **kwargs)` (a release directory or `hf-hub:org/name`, loaded strictly, in
+        eval mode) that also checks the class: ValueError when `path` holds another tokenizer class, besides
+        what `load_tokenizer` raises (FileNotFoundError, ValueError, CheckpointMismatchError)."""
         from .registry import load_tokenizer
 
         tok = load_tokenizer(path, **kwargs)

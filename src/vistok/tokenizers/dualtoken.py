@@ -69,6 +69,8 @@ class DualTokenTokenizer(VisualTokenizer):
     family = "dualtoken"
     default_preprocess = {"image_size": 384, "crop": "center", "interpolation": "bicubic"}
     load_time_args = ("siglip_weights",)
+    # the official recipe trains the vision side only: text tower and logit scalars stay frozen
+    frozen_modules = ("teacher", "siglip.text", "siglip.logit_scale", "siglip.logit_bias")
 
     def __init__(
         self,
@@ -148,7 +150,6 @@ class DualTokenTokenizer(VisualTokenizer):
             raise ValueError(f"decoder output {resolution} px (latent {self.decoder_latent_size} x "
                              f"{2 ** (len(dec['ch_mult']) - 1)}) differs from the tower's {self.siglip.image_size[0]} px")
 
-        self._freeze_text()
         if siglip_weights:
             load_siglip_weights(self.siglip, siglip_weights)
         if with_teacher:
@@ -156,29 +157,17 @@ class DualTokenTokenizer(VisualTokenizer):
         self.siglip.grad_checkpointing = grad_checkpointing
 
     # ------------------------------------------------------------------ config / structure
-    def _freeze_text(self) -> None:
-        """The official recipe trains the vision side only: text tower and logit scalars stay frozen."""
-        for name in ("text", "logit_scale", "logit_bias"):
-            part = getattr(self.siglip, name, None)
-            if part is not None:
-                part.requires_grad_(False)
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if hasattr(self, "teacher"):
-            self.teacher.eval()
-        if hasattr(self.siglip, "text"):
-            self.siglip.text.eval()
-        return self
-
     @property
     def stride(self) -> int:
+        """Pixels per token along each side: the tower's patch size (14 for SO400M/14)."""
         return int(self.siglip.trunk.patch_embed.patch_size[0])
 
     def grid_for(self, height: int, width: int) -> tuple[int, int]:
+        """The tower's fixed token grid (it takes one image size only; see `check_image_size`)."""
         return self.siglip.grid
 
     def check_image_size(self, h: int, w: int) -> None:
+        """Raise ValueError unless h x w is the SigLIP tower's own input size."""
         if (h, w) != self.siglip.image_size:
             size = self.siglip.image_size
             raise ValueError(f"image size {h}x{w} does not fit the SigLIP tower: it takes {size[0]}x{size[1]} "
@@ -186,6 +175,8 @@ class DualTokenTokenizer(VisualTokenizer):
 
     @property
     def codebooks(self) -> dict[str, CodebookSpec]:
+        """{"pixel", "semantic"} (`naive`: {"semantic"}): each a residual codebook of `codebook_size`
+        codes of `code_dim` channels, `depth` levels per position (shared across levels by default)."""
         books = {}
         for name in self.codebook_names:
             q = self._quantizer(name)
@@ -194,6 +185,7 @@ class DualTokenTokenizer(VisualTokenizer):
 
     @property
     def codebook_names(self) -> tuple[str, ...]:
+        """The codebooks this variant has, in `enc.ids` order: ("pixel", "semantic"), or ("semantic",) for `naive`."""
         return ("pixel", "semantic") if self.variant == "dual" else ("semantic",)
 
     @property
@@ -251,13 +243,11 @@ class DualTokenTokenizer(VisualTokenizer):
     @torch.no_grad()
     def teacher_targets(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The frozen initial tower's deep-layer tokens and pooled embedding."""
-        if not hasattr(self, "teacher"):
-            raise ValueError("this tokenizer was built with with_teacher=False; training needs the teacher "
-                             "(build it from the SigLIP weights instead of an inference release)")
-        h = embed_patches(self.teacher, self._tower_input(pixels))
-        deep = run_blocks(self.teacher, h, 0, self.semantic_layer)
-        final = run_blocks(self.teacher, deep, self.semantic_layer, len(self.teacher.trunk.blocks))
-        return deep, pool(self.teacher, final)
+        teacher = self.require_teacher()
+        h = embed_patches(teacher, self._tower_input(pixels))
+        deep = run_blocks(teacher, h, 0, self.semantic_layer)
+        final = run_blocks(teacher, deep, self.semantic_layer, len(teacher.trunk.blocks))
+        return deep, pool(teacher, final)
 
     # ------------------------------------------------------------------ training forward
     def forward(self, pixels: torch.Tensor, *, with_teacher: bool = True) -> DualTokenForward:
@@ -291,9 +281,10 @@ class DualTokenTokenizer(VisualTokenizer):
                 q.train(mode)
 
     def encode(self, pixels: torch.Tensor) -> TokenizerEncoding:
-        """ids {"pixel", "semantic"} (B, h, w, depth); quantized (B, h*w, code_dim) per codebook;
-        features: the quantized deep features that replace layer 26 (B, h*w, width), what an MLLM
-        reads for understanding; pooled: the CLIP-space embedding (B, E)."""
+        """(B, 3, S, S) float in [-1, 1] at the tower's size S -> ids {"pixel", "semantic"} int64
+        (B, h, w, depth); quantized (B, h*w, code_dim) per codebook; features: the quantized deep features that
+        replace layer 26 (B, h*w, width), what an MLLM reads for understanding; pooled: the CLIP-space
+        embedding (B, E). Codebooks are never updated here (DualToken, arXiv 2503.14324; songweii/DualToken)."""
         pixels = self.validate_pixels(pixels)
         with self._frozen_codebooks():
             out, features, pooled = self._branches(pixels)
@@ -305,6 +296,8 @@ class DualTokenTokenizer(VisualTokenizer):
         )
 
     def check_ids(self, ids: dict, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        """ids {name: (B, h, w, k)} for each of `names`, 1 <= k <= that codebook's depth, on the grid ->
+        the same tensors on the model's device. Raises ValueError naming a missing codebook or a wrong shape."""
         if not isinstance(ids, dict):
             raise ValueError(f"ids must be a dict name -> (B, h, w, depth) tensor, got {type(ids).__name__}")
         h, w = self.siglip.grid
@@ -320,7 +313,9 @@ class DualTokenTokenizer(VisualTokenizer):
         return out
 
     def decode(self, *, ids: Optional[dict] = None, latents=None, clamp: bool = True) -> torch.Tensor:
-        """Pixel ids (B, h, w, k <= depth; fewer depths = coarser image) -> images in [-1, 1]."""
+        """Pixel ids {"pixel": (B, h, w, k)}, k <= depth (fewer levels = coarser image; `naive`: "semantic")
+        -> images (B, 3, S, S) in [-1, 1] (unclamped with clamp=False). Raises ValueError for latents, a
+        missing codebook, a wrong shape or ids out of range."""
         if latents is not None or ids is None:
             raise ValueError("DualToken decodes discrete ids: call decode(ids=enc.ids)")
         name = self.decode_codebook
@@ -337,7 +332,8 @@ class DualTokenTokenizer(VisualTokenizer):
         return torch.cat(parts, dim=-1)
 
     def encode_text(self, texts, *, normalize: bool = True) -> torch.Tensor:
-        """SigLIP text embeddings (B, E), L2-normalised; strings need `text_tokenizer`, token ids work always."""
+        """SigLIP text embeddings (B, E), L2-normalised (normalize=True); strings need `text_tokenizer`,
+        int64 token ids (B, context_length) always work. NotImplementedError without the text tower."""
         return self.siglip.encode_text(texts, normalize=normalize)
 
     def zero_shot_logits(self, pooled: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:

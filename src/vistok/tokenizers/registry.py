@@ -34,6 +34,7 @@ def list_models(pattern: Optional[str] = None) -> list[str]:
 
 
 def get_preset(name: str) -> dict:
+    """A copy of preset `name` ({name, class, description, args}); ValueError naming close matches if unknown."""
     presets = _presets()
     if name not in presets:
         close = difflib.get_close_matches(name, presets, n=3)

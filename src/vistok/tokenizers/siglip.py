@@ -167,26 +167,32 @@ class SiglipTower(nn.Module):
 
     @property
     def trunk(self) -> nn.Module:
+        """The timm ViT trunk of the vision tower (`visual.trunk`)."""
         return self.visual.trunk
 
     @property
     def num_layers(self) -> int:
+        """The number of transformer blocks in the vision trunk."""
         return len(self.trunk.blocks)
 
     @property
     def width(self) -> int:
+        """The trunk's token width."""
         return self.trunk.embed_dim
 
     @property
     def grid(self) -> tuple[int, int]:
+        """The token grid (h, w) at the tower's input size."""
         return tuple(self.trunk.patch_embed.grid_size)
 
     @property
     def image_size(self) -> tuple[int, int]:
+        """The one input size (H, W) the tower takes."""
         return tuple(self.trunk.patch_embed.img_size)
 
     # ------------------------------------------------------------------ vision, block by block
     def embed_patches(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels (B, 3, H, W), normalised for the tower -> the input of layer 1 (B, h*w, width)."""
         return embed_patches(self.visual, pixels)
 
     def run_blocks(self, x: torch.Tensor, start: int, stop: int, *, is_causal: bool = False) -> torch.Tensor:
@@ -195,6 +201,7 @@ class SiglipTower(nn.Module):
                           checkpointing=self.grad_checkpointing and self.training)
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
+        """Layer outputs (B, N, width) -> final norm + attention-pool head: the CLIP image embedding (B, E)."""
         return pool(self.visual, x)
 
     def teacher(self) -> nn.Module:
@@ -204,11 +211,15 @@ class SiglipTower(nn.Module):
 
     # ------------------------------------------------------------------ text
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        """Strings -> int64 token ids (B, context_length) with the configured text tokenizer (built on first use)."""
         if self._tokenizer is None:
             self._tokenizer = build_text_tokenizer(self.text_tokenizer, self.context_length, hint=self.tokenizer_hint)
         return self._tokenizer(list(texts))
 
     def encode_text(self, texts: Sequence[str] | torch.Tensor, *, normalize: bool = True) -> torch.Tensor:
+        """Texts (strings or int64 ids (B, context_length)) -> text embeddings (B, E), L2-normalised when
+        `normalize`. NotImplementedError without a text tower; ValueError when strings need a tokenizer
+        that is not configured."""
         if not hasattr(self, "text"):
             raise NotImplementedError("this tokenizer was built without the text tower (with_text=False)")
         tokens = texts if isinstance(texts, torch.Tensor) else self.tokenize(texts)
@@ -225,6 +236,7 @@ def embed_patches(visual: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
 
 def run_blocks(visual: nn.Module, x: torch.Tensor, start: int, stop: int, *, is_causal: bool = False,
                checkpointing: bool = False) -> torch.Tensor:
+    """Run blocks start+1..stop (1-based) of `visual`'s trunk on x (B, N, width), optionally causal or checkpointed."""
     for block in visual.trunk.blocks[start:stop]:
         if checkpointing:
             x = checkpoint(block, x, None, is_causal, use_reentrant=False)

@@ -369,6 +369,7 @@ def is_hf_siglip_folder(path: str | Path) -> bool:
 
 
 def read_hf_config(path: str | Path) -> dict:
+    """The parsed config.json of an HF SigLIP folder; FileNotFoundError without one, ValueError if it is not JSON."""
     config = Path(path) / "config.json"
     if not config.is_file():
         raise FileNotFoundError(f"no config.json in HF SigLIP folder {path}")

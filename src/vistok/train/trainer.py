@@ -24,7 +24,6 @@ from torch import nn
 
 from ..fileio import atomic_path, remove_stale_temps
 from ..bench.metrics import psnr_uint8
-from ..bench.recon import reconstruct
 from ..images import pixels_to_pil, to_uint8
 from ..tokenizers.registry import create_tokenizer
 from ..tokenizers.siglip_hf import is_hf_siglip_folder, siglip_init_args
@@ -441,7 +440,7 @@ class Trainer:
         self.model.eval()
         try:
             with torch.no_grad():
-                scores = [psnr_uint8(to_uint8(chunk), to_uint8(reconstruct(self.model, chunk)))
+                scores = [psnr_uint8(to_uint8(chunk), to_uint8(self.model.reconstruct(chunk)))
                           for chunk in pixels.split(16)]
         finally:
             self.model.train(was)
@@ -454,7 +453,7 @@ class Trainer:
         self.model.eval()
         try:
             x = pixels[:8]
-            grid = torch.cat([x, reconstruct(self.model, x)], dim=0)
+            grid = torch.cat([x, self.model.reconstruct(x)], dim=0)
         finally:
             self.model.train(was)
         from torchvision.utils import make_grid
