@@ -99,7 +99,7 @@ def check_provenance(meta: dict, tok, file: str, model: str) -> None:
 @click.argument("model")
 @click.argument("images", nargs=-1, required=True)
 @click.option("--out", "out", required=True, type=click.Path(dir_okay=False), help="output .safetensors file")
-@click.option("--sample", is_flag=True, help="KL family: sample the posterior instead of taking its mean")
+@click.option("--sample", is_flag=True, help="KL and MAR families: sample the posterior instead of taking its mean")
 @click.option("--seed", default=0, show_default=True, type=SEED, help="seed for --sample")
 @_batch_option
 @_device_option
