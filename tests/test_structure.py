@@ -21,7 +21,7 @@ FLOORS = [
 # the command line imports inside its commands on purpose: `vistok --help` must not pay for torch
 LAZY_BY_DESIGN = {"cli"}
 # public definitions without a docstring: the counts this code has reached; lower them, never raise them
-MAX_UNDOCUMENTED = {"tokenizers": 0, None: 141}
+MAX_UNDOCUMENTED = {"tokenizers": 0, "convert": 0, "bench": 0, "cli": 0, None: 81}
 
 
 def _part(module: str) -> str:

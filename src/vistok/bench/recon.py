@@ -33,12 +33,15 @@ class ScoreResult:
     settings: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
+        """The result as JSON types (what `--json` writes)."""
         return {"command": self.command, **self.values, "images": self.images, "skipped": len(self.skipped),
                 "skipped_files": [dataclasses.asdict(s) for s in self.skipped], "errors": self.errors,
                 "settings": self.settings}
 
 
 def recon_preprocess(tok, resolution: Optional[int] = None) -> PreprocessConfig:
+    """The tokenizer's preprocessing, or at `resolution` (center crop when it had none); ValueError for a
+    resolution below 1."""
     cfg = tok.preprocess_config
     if resolution is None:
         return cfg

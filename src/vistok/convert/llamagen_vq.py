@@ -16,6 +16,10 @@ from .checkpoint_io import check_destination
 
 
 def convert_llamagen_vq(src: str | Path, dst: str | Path, *, preset: Optional[str] = None) -> dict:
+    """LlamaGen's `vq_ds16_*.pt` (read with weights_only=True; `ema` / `model` / `state_dict`, `module.`
+    unwrapped) -> a vistok release at `dst` of `preset` (default llamagen-vq16), loaded strictly. Returns a
+    summary dict. Raises ValueError / CheckpointMismatchError naming the problem, and refuses a `dst` that
+    holds other files."""
     import argparse
 
     check_destination(dst, "llamagen-vq16")

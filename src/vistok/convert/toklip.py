@@ -50,6 +50,7 @@ VISION_FIELDS = ("image_size", "patch_size", "width", "layers", "head_width", "m
 
 
 def map_toklip_keys(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """TokLIP's state dict -> (vistok keys -> tensors, the TokLIP keys no rule places), by `RULES` prefix."""
     mapped, unplaced = {}, []
     for key, value in state_dict.items():
         rule = next((r for r in RULES if key.startswith(r[0])), None)
