@@ -1,8 +1,7 @@
 """vistok: visual tokenizers for multimodal LLMs behind one encode/decode API."""
 
-__version__ = "0.1.0"
-
-from .tokenizers import (  # noqa: E402  (the version must exist before tokenizers import it)
+from ._version import __version__
+from .tokenizers import (
     CodebookSpec,
     TokenizerEncoding,
     VisualTokenizer,

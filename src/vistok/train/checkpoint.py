@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..weights import load_state_dict_strict
+
 STEP_DIR = re.compile(r"^step_(\d+)$")
 STATE_NAME = "trainer_state.json"
 
@@ -147,8 +149,6 @@ def load_checkpoint(path: Path, *, modules: dict[str, torch.nn.Module], states: 
                     rank: int = 0) -> dict:
     """Load modules strictly and optimizer/scheduler states; restore this rank's RNG streams (a run
     resumed on a different number of processes reuses them cyclically); return the trainer state."""
-    from ..tokenizers.base import load_state_dict_strict
-
     try:
         meta = json.loads((path / STATE_NAME).read_text())
     except (OSError, ValueError) as exc:

@@ -13,6 +13,9 @@ from torch import nn
 
 from ..losses.dualtoken import DualTokenLoss
 from ..schema import check_kwargs
+from ..tokenizers.registry import get_preset
+from ..tokenizers.siglip_hf import is_hf_siglip_folder
+from ..weights import read_release_config, tokenizer_class
 from ..losses.contrastive import TokLIPLoss
 from ..losses.kl import LDMKLLoss
 from ..losses.vq import LlamaGenVQLoss
@@ -34,10 +37,6 @@ class Objective:
     def check_model(cls, cfg) -> None:
         """The model (preset or model.init release) must be of this objective's family, and model.overrides
         must be arguments of its class: both refused before anything is built."""
-        from ..tokenizers.base import read_release_config, tokenizer_class
-        from ..tokenizers.registry import get_preset
-        from ..tokenizers.siglip_hf import is_hf_siglip_folder
-
         # an HF SigLIP folder as model.init initialises the preset's tower (see build_model): the preset decides
         if cfg.model.init and not is_hf_siglip_folder(cfg.model.init):
             model_cls = tokenizer_class(read_release_config(Path(cfg.model.init))["_class_name"])

@@ -24,8 +24,10 @@ from torch import nn
 
 from ..fileio import atomic_path, remove_stale_temps
 from ..bench.metrics import psnr_uint8
-from ..bench.recon import reconstruct
 from ..images import pixels_to_pil, to_uint8
+from ..tokenizers.registry import create_tokenizer
+from ..tokenizers.siglip_hf import is_hf_siglip_folder, siglip_init_args
+from ..weights import load_state_dict_strict, read_release, read_release_config, tokenizer_class
 from .checkpoint import (UnreadableCheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint, read_tensors,
                          remove_partial_checkpoints, rng_state, save_checkpoint)
 from .config import RunConfig
@@ -68,12 +70,6 @@ def setup_distributed() -> Dist:
 def build_model(cfg: RunConfig, overrides: Optional[dict] = None, *, load_init: bool = True) -> nn.Module:
     """The preset (random weights) or the `model.init` release directory, with the config's overrides;
     an init release's weights are loaded strictly (skipped with load_init=False, e.g. for export)."""
-    from pathlib import Path
-
-    from ..tokenizers.base import load_state_dict_strict, read_release, read_release_config, tokenizer_class
-    from ..tokenizers.registry import create_tokenizer
-    from ..tokenizers.siglip_hf import is_hf_siglip_folder, siglip_init_args
-
     args = {**cfg.model.overrides, **(overrides or {})}
     if cfg.train.grad_checkpointing:
         args["grad_checkpointing"] = True
@@ -444,7 +440,7 @@ class Trainer:
         self.model.eval()
         try:
             with torch.no_grad():
-                scores = [psnr_uint8(to_uint8(chunk), to_uint8(reconstruct(self.model, chunk)))
+                scores = [psnr_uint8(to_uint8(chunk), to_uint8(self.model.reconstruct(chunk)))
                           for chunk in pixels.split(16)]
         finally:
             self.model.train(was)
@@ -457,7 +453,7 @@ class Trainer:
         self.model.eval()
         try:
             x = pixels[:8]
-            grid = torch.cat([x, reconstruct(self.model, x)], dim=0)
+            grid = torch.cat([x, self.model.reconstruct(x)], dim=0)
         finally:
             self.model.train(was)
         from torchvision.utils import make_grid
@@ -559,7 +555,6 @@ def export_run(run_dir: str | os.PathLike, dst: str | os.PathLike, *, step: Opti
     """A run's checkpoint (latest or `step`) -> a release directory for inference (the family's
     training-only parts, e.g. DualToken's teacher, left out). Without `step`, an unreadable latest
     checkpoint (e.g. truncated) falls back to the newest readable one, said through `log`."""
-    from ..tokenizers.base import load_state_dict_strict
     from .config import build_config
 
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
