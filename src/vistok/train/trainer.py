@@ -145,15 +145,29 @@ class WeightEMA(nn.Module):
         return {n: getattr(self, n.replace(".", "__")) for n in self.names}
 
 
-def _all_reduce_grads(module: nn.Module, world: int) -> None:
-    for p in module.parameters():
-        if p.grad is not None:
-            dist.all_reduce(p.grad)
-            p.grad.div_(world)
-
-
 # ---------------------------------------------------------------------------------------------- trainer
 class Trainer:
+    """Trains one tokenizer of any family on one process or one per device under torchrun (DDP).
+
+    cfg: a `RunConfig` (train/config.py); its `family` picks the `Objective` (train/objectives.py), the
+    one object the trainer talks to for everything loss-side. out_dir: the run folder, locked for the
+    run's life; it receives `config.json`, `step_<N>/` checkpoints (model, EMA, `loss.safetensors` when
+    the loss holds tensors, optimiser/scheduler states, RNG streams), `metrics.jsonl`, TensorBoard
+    events, image grids and the `export/` release. resume: continue bit for bit from the newest
+    readable checkpoint (the `family`, `model` and `loss` sections must equal the saved config's; the
+    `optim` settings may change). quiet: no logs or progress bar on stderr.
+
+    Raises (before any training): ValueError for a config that cannot train (e.g. a full-size model
+    without real initial weights, unusable data settings), for checkpoints in `out_dir` without
+    `resume`, for a differing saved config or no readable checkpoint on resume; FileNotFoundError for
+    missing data shards or `resume` without checkpoints; RunFolderBusy (a ValueError) when another live
+    process holds `out_dir`. During `fit`: FloatingPointError naming the step and the non-finite terms.
+
+    One step (`train_step`): generator forward + backward under bf16 autocast over the accumulated
+    batches, the discriminator's backward once its GAN is active, the objective's gradient sync of the
+    loss's own parameters, clipping, the optimisers' steps, the EMA update.
+    """
+
     def __init__(self, cfg: RunConfig, out_dir: str | os.PathLike, *, resume: bool = False, quiet: bool = False):
         self.cfg, self.out = cfg, Path(out_dir)
         self.dist = setup_distributed()
@@ -191,8 +205,7 @@ class Trainer:
         cfg = self.cfg
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self.model = build_model(cfg).to(self.dist.device).train()
-        self.objective: Objective = objective_class(cfg.family)(cfg.loss)
-        self.objective.loss.to(self.dist.device)  # discriminator, LPIPS, learned log-variance
+        self.objective: Objective = objective_class(cfg.family)(cfg.loss).to(self.dist.device)
         self._build_optimizers()
         self.ema = WeightEMA(self.model, cfg.train.ema_decay).to(self.dist.device) if cfg.train.ema_decay else None
         self.step, self.position, self.skipped_total = 0, (0, 0), 0
@@ -235,8 +248,8 @@ class Trainer:
         modules = {"model": self.model}
         if self.ema is not None:
             modules["ema"] = self.ema
-        if self.objective.loss.state_dict():  # discriminator, log-variance
-            modules["loss"] = self.objective.loss
+        if self.objective.has_state():  # discriminator, log-variance: loss.safetensors
+            modules["loss"] = self.objective
         states = {"optimizer": self.opt, "scheduler": self.sched}
         if self.d_opt is not None:
             states.update(d_optimizer=self.d_opt, d_scheduler=self.d_sched)
@@ -355,6 +368,9 @@ class Trainer:
             raise FloatingPointError(f"non-finite loss on another rank at step {step}")
 
     def train_step(self, batches) -> dict:
+        """One optimiser step over `train.accumulation` batches drawn from the iterator `batches` (dicts with
+        `pixels` (B, 3, H, W) in [-1, 1] or None, `captions`, `keys`, `skipped`). Returns the step's logs:
+        name -> float (loss, the loss's terms, d_loss and grad norms where they apply, lr)."""
         t = self.cfg.train
         step = self.step
         disc = self.objective.discriminator
@@ -381,11 +397,7 @@ class Trainer:
             for k, v in {"loss": loss.total.detach(), **loss.terms}.items():
                 logs[k] = logs.get(k, 0.0) + float(v) / t.accumulation
             self._advance(batch)
-        if self.dist.world > 1:  # loss parameters live outside the DDP-wrapped model
-            for p in self.objective.extra_parameters():
-                if p.grad is not None:
-                    dist.all_reduce(p.grad)
-                    p.grad.div_(self.dist.world)
+        self.objective.sync_gradients(self.dist.world)  # the loss's parameters live outside the DDP model
         if self.cfg.optim.grad_clip:
             logs["grad_norm"] = float(nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip))
         self.opt.step()
@@ -393,8 +405,6 @@ class Trainer:
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
         if disc is not None and self.objective.gan_active(step):
-            if self.dist.world > 1:
-                _all_reduce_grads(disc, self.dist.world)
             if self.cfg.optim.grad_clip:
                 logs["d_grad_norm"] = float(nn.utils.clip_grad_norm_(disc.parameters(), self.cfg.optim.grad_clip))
             self.d_opt.step()
