@@ -1,9 +1,10 @@
-"""The objective as the trainer's one loss-side object (device, checkpoint state, parameters)."""
+"""The objective as the trainer's one loss-side object (device, checkpoint state, parameters), and the
+checkpoint fallback shared by --resume and export."""
 
 import pytest
 import torch
 
-from vistok.train.checkpoint import load_checkpoint, save_checkpoint
+from vistok.train.checkpoint import UnreadableCheckpointError, load_checkpoint, newest_readable, save_checkpoint
 from vistok.train.objectives import DualTokenObjective, KLObjective, TokLIPObjective
 
 KL_LOSS = {"perceptual_weight": 0.0, "learn_logvar": True, "discriminator": {"ndf": 8, "n_layers": 1}}
@@ -41,3 +42,17 @@ def test_objective_parameters_and_state():
     assert toklip.discriminator is None and not toklip.has_state() and toklip.extra_parameters() == []
     toklip.sync_gradients(1)  # one process: nothing to average, no process group needed
 
+
+def test_newest_readable_falls_back_newest_first_and_names_what_it_tried(tmp_path):
+    paths = [tmp_path / f"step_{n}" for n in (3, 2, 1)]
+    logs = []
+
+    def read(path):
+        if path.name != "step_1":
+            raise UnreadableCheckpointError(f"{path.name} is truncated")
+        return "state"
+
+    assert newest_readable(paths, read, log=logs.append, context="export") == (paths[2], "state")
+    assert logs == ["export: skipping step_3: step_3 is truncated", "export: skipping step_2: step_2 is truncated"]
+    with pytest.raises(ValueError, match=r"--resume: no readable checkpoint under .* \(tried step_3, step_2\)"):
+        newest_readable(paths[:2], read, log=logs.append, context="--resume")

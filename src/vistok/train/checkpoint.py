@@ -15,7 +15,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 STATE_NAME = "trainer_state.json"
+T = TypeVar("T")
 
 
 def _state_dict_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -82,6 +83,21 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
 def latest_checkpoint(run_dir: Path) -> Optional[Path]:
     found = list_checkpoints(run_dir)
     return found[-1][1] if found else None
+
+
+def newest_readable(candidates: Sequence[Path], read: Callable[[Path], T], *, log: Callable[[str], None],
+                    context: str) -> tuple[Path, T]:
+    """(path, read(path)) for the first of `candidates` (newest first) that `read` can read: one that raises
+    UnreadableCheckpointError (e.g. truncated) is logged as `"{context}: skipping step_N: why"` and the
+    next tried. Raises ValueError naming the folder and every checkpoint tried when none is readable."""
+    for path in candidates:
+        try:
+            return path, read(path)
+        except UnreadableCheckpointError as exc:
+            log(f"{context}: skipping {path.name}: {exc}")
+    where = candidates[0].parent if candidates else "the run folder"
+    raise ValueError(f"{context}: no readable checkpoint under {where} (tried "
+                     f"{', '.join(p.name for p in candidates)})")
 
 
 def _fsync(path: Path) -> None:

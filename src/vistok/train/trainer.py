@@ -26,8 +26,8 @@ from ..fileio import atomic_path, remove_stale_temps
 from ..bench.metrics import psnr_uint8
 from ..bench.recon import reconstruct
 from ..images import pixels_to_pil, to_uint8
-from .checkpoint import (UnreadableCheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint, read_tensors,
-                         remove_partial_checkpoints, rng_state, save_checkpoint)
+from .checkpoint import (UnreadableCheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint,
+                         newest_readable, read_tensors, remove_partial_checkpoints, rng_state, save_checkpoint)
 from .config import RunConfig
 from .data import (Augment, ImageDataset, ResumableBatchSampler, collate, collate_stream, is_webdataset,
                    check_data, next_position, read_items, WebDatasetStream)
@@ -269,15 +269,10 @@ class Trainer:
         modules, states = self._state_parts()
         fresh = [[{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
                  for opt, _ in self._optimizers()]
-        for _, path in reversed(found):  # newest first; an unreadable one (e.g. truncated) falls back
-            try:
-                meta = load_checkpoint(path, modules=modules, states=states, rank=self.dist.rank)
-                break
-            except UnreadableCheckpointError as exc:
-                self.log(f"--resume: skipping {path.name}: {exc}")
-        else:
-            raise ValueError(f"--resume: no readable checkpoint under {self.out} (tried "
-                             f"{', '.join(p.name for _, p in found)})")
+        path, meta = newest_readable(  # an unreadable one (e.g. truncated) falls back to the one before
+            [p for _, p in reversed(found)],
+            lambda p: load_checkpoint(p, modules=modules, states=states, rank=self.dist.rank),
+            log=self.log, context="--resume")
         if path != found[-1][1]:
             self.log(f"--resume: continuing from {path.name}, the latest readable checkpoint")
         self._apply_optim_config(fresh)
@@ -579,25 +574,20 @@ def export_run(run_dir: str | os.PathLike, dst: str | os.PathLike, *, step: Opti
     _refuse_export_into_run(run_dir, Path(dst))
     cfg = build_config(json.loads((run_dir / CONFIG_NAME).read_text()))
     if step is not None:
-        candidates = [run_dir / f"step_{step}"]
-        if not candidates[0].is_dir():
+        path = run_dir / f"step_{step}"
+        if not path.is_dir():
             raise FileNotFoundError(f"no checkpoint step_{step} under {run_dir}")
+        try:
+            state = _export_state(path, ema)
+        except UnreadableCheckpointError as exc:
+            raise ValueError(f"checkpoint step_{step} of {run_dir} cannot be exported: {exc}") from None
     else:
         candidates = [p for _, p in reversed(list_checkpoints(run_dir))]
         if not candidates:
             raise FileNotFoundError(f"no checkpoint under {run_dir}")
-    for path in candidates:
-        try:
-            state = _export_state(path, ema)
-            break
-        except UnreadableCheckpointError as exc:
-            if step is not None:
-                raise ValueError(f"checkpoint step_{step} of {run_dir} cannot be exported: {exc}") from None
-            log(f"export: skipping {path.name}: {exc}")
-    else:
-        raise ValueError(f"no readable checkpoint under {run_dir} (tried {', '.join(p.name for p in candidates)})")
-    if path != candidates[0]:
-        log(f"export: using {path.name}, the latest readable checkpoint")
+        path, state = newest_readable(candidates, lambda p: _export_state(p, ema), log=log, context="export")
+        if path != candidates[0]:
+            log(f"export: using {path.name}, the latest readable checkpoint")
     objective = objective_class(cfg.family)
     cfg.train.grad_checkpointing = False
     model = build_model(cfg, overrides=objective.export_overrides, load_init=False)
