@@ -67,9 +67,13 @@ class AdversarialLoss(TrainingLoss, Protocol):
 
     discriminator: Optional[nn.Module]
 
-    def gan_active(self, step: int) -> bool: ...
+    def gan_active(self, step: int) -> bool:
+        """Whether the adversarial terms count at the 0-based optimiser `step`."""
+        ...
 
-    def discriminator_loss(self, out: Any, pixels: torch.Tensor, *, step: int) -> torch.Tensor: ...
+    def discriminator_loss(self, out: Any, pixels: torch.Tensor, *, step: int) -> torch.Tensor:
+        """The discriminator's 0-dim loss on real `pixels` and the detached `out.reconstruction`."""
+        ...
 
 
 def require_last_layer(last_layer: Optional[torch.Tensor], loss: str) -> torch.Tensor:

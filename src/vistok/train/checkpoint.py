@@ -50,6 +50,8 @@ def read_tensors(file: Path) -> dict[str, torch.Tensor]:
 
 
 def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    """This process's random streams: (torch CPU and every CUDA device's generator states as uint8
+    tensors, {"python": ..., "numpy": ...} as JSON-ready lists)."""
     tensors = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         for i, state in enumerate(torch.cuda.get_rng_state_all()):
@@ -62,6 +64,7 @@ def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """Restore what `rng_state()` gave (the CUDA states only where CUDA is available)."""
     torch.set_rng_state(tensors["torch"])
     cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("cuda.")), key=lambda k: int(k[5:]))]
     if cuda and torch.cuda.is_available():
@@ -73,6 +76,8 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
 
 
 def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """(step, path) of RUN's complete `step_<N>/` folders (those with a trainer state), oldest first;
+    [] when `run_dir` does not exist."""
     if not run_dir.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in run_dir.iterdir() if p.is_dir() and (m := STEP_DIR.match(p.name))
@@ -81,6 +86,7 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
 
 
 def latest_checkpoint(run_dir: Path) -> Optional[Path]:
+    """The newest complete checkpoint folder of `run_dir`, or None (readability not checked)."""
     found = list_checkpoints(run_dir)
     return found[-1][1] if found else None
 

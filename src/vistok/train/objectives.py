@@ -168,6 +168,8 @@ class ReconstructionObjective(Objective):
 
 
 class DualTokenObjective(ReconstructionObjective):
+    """DualToken: semantic distillation to the frozen teacher + pixel reconstruction, commitment and GAN."""
+
     family = "dualtoken"
     loss_class = DualTokenLoss
     export_overrides = {"with_teacher": False, "siglip_weights": None}

@@ -40,6 +40,8 @@ CONFIG_NAME = "config.json"
 # ---------------------------------------------------------------------------------------------- setup
 @dataclass
 class Dist:
+    """This process's place in the run: global rank, number of processes, local device index, device."""
+
     rank: int = 0
     world: int = 1
     local_rank: int = 0
@@ -47,10 +49,13 @@ class Dist:
 
     @property
     def main(self) -> bool:
+        """Rank 0: the process that writes files and logs."""
         return self.rank == 0
 
 
 def setup_distributed() -> Dist:
+    """From torchrun's environment (WORLD_SIZE, RANK, LOCAL_RANK): join the process group (NCCL on GPUs,
+    gloo on CPU) and pick this rank's device; without WORLD_SIZE > 1, one process on CUDA if available, else the CPU."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return Dist(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
@@ -137,11 +142,13 @@ class WeightEMA(nn.Module):
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
+        """ema <- decay x ema + (1 - decay) x parameter, in fp32, for the parameters recorded at creation."""
         params = dict(model.named_parameters())
         for n in self.names:
             getattr(self, n.replace(".", "__")).lerp_(params[n].detach().float(), 1 - self.decay)
 
     def averaged(self) -> dict[str, torch.Tensor]:
+        """Parameter name -> its fp32 average (the buffers themselves, not copies)."""
         return {n: getattr(self, n.replace(".", "__")) for n in self.names}
 
 
@@ -423,6 +430,7 @@ class Trainer:
                 self.log(f"skipped unreadable image {name}")
 
     def log(self, message: str) -> None:
+        """A line on stderr from rank 0 (through the progress bar while it shows), unless quiet."""
         if self.dist.main and not self.quiet:
             if getattr(self, "progress", None) is not None:
                 self.progress.write(message, file=sys.stderr)
