@@ -26,7 +26,7 @@ STATE_NAME = "trainer_state.json"
 T = TypeVar("T")
 
 
-def _state_dict_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+def _state_dict_tensors(module) -> dict[str, torch.Tensor]:
     # clone: safetensors refuses tensors that share storage (e.g. tied or aliased parameters)
     return {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
 
@@ -122,10 +122,11 @@ def remove_partial_checkpoints(run_dir: Path) -> list[Path]:
     return stale
 
 
-def save_checkpoint(run_dir: Path, step: int, *, modules: dict[str, torch.nn.Module],
+def save_checkpoint(run_dir: Path, step: int, *, modules: dict[str, object],
                     states: dict[str, object], trainer_state: dict, keep_last: int,
                     rng_states: Optional[list] = None) -> Path:
-    """modules -> <name>.safetensors; states (optimizers, schedulers: their state_dict()) -> <name>.pt;
+    """modules (anything with `state_dict()`: an nn.Module, the trainer's Objective) -> <name>.safetensors;
+    states (optimizers, schedulers: their state_dict()) -> <name>.pt;
     rng_states: one `rng_state()` per rank (default: this process's only)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     final = run_dir / f"step_{step}"
@@ -165,9 +166,10 @@ def save_checkpoint(run_dir: Path, step: int, *, modules: dict[str, torch.nn.Mod
     return final
 
 
-def load_checkpoint(path: Path, *, modules: dict[str, torch.nn.Module], states: dict[str, object],
+def load_checkpoint(path: Path, *, modules: dict[str, object], states: dict[str, object],
                     rank: int = 0) -> dict:
-    """Load modules strictly and optimizer/scheduler states; restore this rank's RNG streams (a run
+    """Load modules strictly (anything with `state_dict()` / `load_state_dict(strict=True)`: an nn.Module,
+    the trainer's Objective) and optimizer/scheduler states; restore this rank's RNG streams (a run
     resumed on a different number of processes reuses them cyclically); return the trainer state."""
     from ..tokenizers.base import load_state_dict_strict
 
