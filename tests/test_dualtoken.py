@@ -77,7 +77,7 @@ def test_teacher_is_frozen_and_unchanged_by_training(tiny, photos):
     assert not any(p is q for p in tiny.trainable_parameters() for q in tiny.teacher.parameters())
     for step in range(3):
         out = tiny(photos[step * 4:(step + 1) * 4])
-        loss = loss_fn(tiny, out, photos[step * 4:(step + 1) * 4], step=step)
+        loss = loss_fn(out, photos[step * 4:(step + 1) * 4], step=step, last_layer=tiny.decoder.last_layer)
         opt.zero_grad()
         loss.total.backward()
         assert all(p.grad is None for p in tiny.teacher.parameters())
@@ -193,7 +193,7 @@ def test_training_steps_on_real_photos_lower_the_loss(tiny, photos):
         tiny.eval()
         with torch.no_grad():
             out = tiny(fixed)
-            loss = loss_fn(tiny, out, fixed, step=0)
+            loss = loss_fn(out, fixed, step=0, last_layer=tiny.decoder.last_layer)
         tiny.train()
         return loss.total.item(), loss.terms["pixel"].item()
 
@@ -201,7 +201,7 @@ def test_training_steps_on_real_photos_lower_the_loss(tiny, photos):
     gen = torch.Generator().manual_seed(0)
     for step in range(25):
         batch = photos[torch.randint(len(photos), (8,), generator=gen)]
-        loss = loss_fn(tiny, tiny(batch), batch, step=step)
+        loss = loss_fn(tiny(batch), batch, step=step, last_layer=tiny.decoder.last_layer)
         opt.zero_grad()
         loss.total.backward()
         opt.step()
@@ -215,9 +215,9 @@ def test_gan_terms_switch_on_and_the_adaptive_weight_is_clamped(tiny, photos):
     loss_fn = DualTokenLoss(lpips_weight=0.0, gan_start=5)
     x = photos[:2]
     out = tiny(x)
-    early = loss_fn(tiny, out, x, step=4)
+    early = loss_fn(out, x, step=4, last_layer=tiny.decoder.last_layer)
     assert early.terms["gan"] == 0 and loss_fn.discriminator_loss(out, x, step=4) == 0
-    late = loss_fn(tiny, out, x, step=5)
+    late = loss_fn(out, x, step=5, last_layer=tiny.decoder.last_layer)
     assert 0.3 <= late.terms["gan_weight"] <= 10.0
     d_loss = loss_fn.discriminator_loss(out, x, step=5)
     d_loss.backward()
@@ -347,7 +347,7 @@ def test_total_loss_composition_and_adaptive_weight_by_hand(tiny, photos):
     loss_fn = DualTokenLoss(lpips_weight=0.0, gan_start=0)
     x = photos[:2]
     out = tiny(x)
-    got = loss_fn(tiny, out, x, step=0)
+    got = loss_fn(out, x, step=0, last_layer=tiny.decoder.last_layer)
     t = got.terms
     w_layer = tiny.decoder.last_layer
     mse = ((out.reconstruction - x) ** 2).mean()

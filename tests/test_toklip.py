@@ -127,7 +127,7 @@ def test_loss_needs_captions_and_teacher(tiny):
         objective.generator_step(tiny, tiny, torch.zeros(2, 3, 32, 32), 0, ["", ""])
     out = tiny(torch.zeros(2, 3, 32, 32), with_teacher=False)
     with pytest.raises(ValueError, match="teacher"):
-        TokLIPLoss()(tiny, out, torch.randn(2, 64), step=0)
+        TokLIPLoss()(out, torch.randn(2, 64), step=0, logit_scale=tiny.siglip.logit_scale)
 
 
 def test_released_checkpoint_layout_converts_strictly(tiny, tmp_path):

@@ -10,7 +10,6 @@ from click.testing import CliRunner
 
 import vistok
 from vistok.bench.metrics import psnr_uint8
-from vistok.bench.recon import reconstruct
 from vistok.builtin import builtin_photos
 from vistok.cli import main
 from vistok.images import to_uint8
@@ -122,7 +121,7 @@ def test_bench_recon_function_scores_a_built_tokenizers_round_trip():
     result = vistok.bench_recon(tok, "builtin:photos", metrics=["psnr"], limit=3, progress=False)
     x = tok.preprocess([im for _, im in builtin_photos("heldout")[:3]])
     with torch.no_grad():
-        expected = psnr_uint8(to_uint8(x), to_uint8(reconstruct(tok, x))).mean().item()
+        expected = psnr_uint8(to_uint8(x), to_uint8(tok.reconstruct(x))).mean().item()
     assert result["psnr"] == pytest.approx(expected, rel=1e-9) and result["images"] == 3
     with pytest.raises(ValueError, match="preset name, a release directory"):
         vistok.bench_recon(3, "builtin:photos")

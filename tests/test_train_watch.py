@@ -12,10 +12,9 @@ from safetensors.torch import load_file
 
 import vistok
 from vistok.bench.metrics import psnr_uint8
-from vistok.bench.recon import reconstruct
 from vistok.builtin import builtin_photos, photo_of
 from vistok.images import to_uint8
-from vistok.tokenizers.base import load_state_dict_strict
+from vistok.weights import load_state_dict_strict
 from vistok.train.config import load_config
 from vistok.train.data import spread_indices
 from vistok.train.trainer import Trainer
@@ -58,7 +57,7 @@ def test_the_last_evaluation_scores_the_final_weights(run):
     model.eval()
     x = model.preprocess([im for _, im in builtin_photos("heldout")[:4]])
     with torch.no_grad():
-        psnr = psnr_uint8(to_uint8(x), to_uint8(reconstruct(model, x))).mean().item()
+        psnr = psnr_uint8(to_uint8(x), to_uint8(model.reconstruct(x))).mean().item()
         ids = model.encode(x).ids
     assert last["eval/psnr"] == pytest.approx(psnr, rel=1e-6)
     for name, spec in model.codebooks.items():

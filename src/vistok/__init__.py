@@ -5,9 +5,8 @@ Training and benchmarking are loaded on first use (so `import vistok` stays fast
 `bench_retrieval`, `bench_codebook` (docs/bench.md).
 """
 
-__version__ = "0.1.0"
-
-from .tokenizers import (  # noqa: E402  (the version must exist before tokenizers import it)
+from ._version import __version__
+from .tokenizers import (
     CodebookSpec,
     TokenizerEncoding,
     VisualTokenizer,

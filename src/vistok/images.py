@@ -57,6 +57,7 @@ class PreprocessConfig:
 
     @classmethod
     def from_any(cls, value: "PreprocessConfig | dict | None", **defaults) -> "PreprocessConfig":
+        """A config from a PreprocessConfig, a dict or None over `defaults`; ValueError naming unknown keys."""
         if isinstance(value, cls):
             return value
         merged = dict(defaults)
@@ -67,6 +68,7 @@ class PreprocessConfig:
         return cls(**merged)
 
     def to_dict(self) -> dict:
+        """The config as JSON types (mean and std as lists): what config.json stores."""
         d = asdict(self)
         d["mean"], d["std"] = list(self.mean), list(self.std)
         return d
@@ -193,6 +195,9 @@ def adm_center_crop(img: Image.Image, size: int) -> Image.Image:
 
 
 def preprocess_image(img: Image.Image, cfg: PreprocessConfig, name: str = "image") -> Image.Image:
+    """Resize and crop one PIL image as `cfg` says (center: open_clip's eval transform; adm: ADM's
+    center_crop_arr; none: as is). Raises ValueError naming `name` when its shorter side is below
+    `cfg.min_image_size`."""
     if min(img.size) < cfg.min_image_size:
         raise ValueError(
             f"{name} is too small: {img.size[0]}x{img.size[1]} pixels, the shorter side must be at "

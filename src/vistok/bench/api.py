@@ -4,25 +4,45 @@ tokenizer, a data spec, the options as keywords) and returns the result dict tha
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import torch
 
-from ..cli.common import check_device, load_model, refuse_dir_inside_inputs
+from ..tokenizers.registry import HF_HUB_PREFIX, resolve_tokenizer
+from .codebook import bench_codebook as _codebook
+from .data import resolve_images
+from .metrics import build_metrics, parse_metric_list
+from .recon import bench_compare as _compare, bench_recon as _recon
+from .retrieval import bench_retrieval as _retrieval
+from .zeroshot import OPEN_CLIP_PREFIX, VistokImageText, bench_zeroshot as _zeroshot, load_open_clip
 
+logger = logging.getLogger(__name__)
 Model = Union[str, torch.nn.Module]
+
+
+def _device(device: Union[str, torch.device]) -> torch.device:
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"invalid device {device!r} (expected cpu, cuda, cuda:N, ...)") from None
 
 
 def _tokenizer(model: Model, device: str):
     """A spec (preset, release directory, hf-hub:...) loaded on `device`, presets' random weights drawn from seed
-    0 so repeated runs agree; or a built tokenizer, moved to `device` and put in eval mode."""
+    0 so repeated runs agree (with a logged warning); or a built tokenizer, moved to `device`, in eval mode."""
     if isinstance(model, torch.nn.Module):
-        return model.to(check_device(device)).eval()
+        return model.to(_device(device)).eval()
     if not isinstance(model, str):
         raise ValueError(f"model must be a preset name, a release directory, hf-hub:ORG/NAME or a tokenizer, got "
                          f"{type(model).__name__}")
+    dev = _device(device)
     torch.manual_seed(0)
-    return load_model(model, device)
+    tok = resolve_tokenizer(model)
+    if not model.startswith(HF_HUB_PREFIX) and not Path(model).exists():
+        logger.warning("%s is a preset with random weights (pass a release directory for trained weights)", model)
+    return tok.to(dev).eval()
 
 
 def _name(model: Model) -> str:
@@ -34,8 +54,6 @@ def _metric_list(metrics: Union[str, Sequence[str]]) -> str:
 
 
 def _build_metrics(metrics, fid_name: str, device: str, fid_resize, inception, lpips_net, lpips_weights):
-    from .metrics import build_metrics, parse_metric_list
-
     built, errors = build_metrics(parse_metric_list(_metric_list(metrics)), fid_name=fid_name, inception=inception,
                                   fid_resize=fid_resize, lpips_net=lpips_net, lpips_weights=lpips_weights,
                                   device=device)
@@ -45,11 +63,8 @@ def _build_metrics(metrics, fid_name: str, device: str, fid_resize, inception, l
 
 
 def _image_text_model(model: Model, device: str):
-    from .zeroshot import OPEN_CLIP_PREFIX, VistokImageText, load_open_clip
-
-    check_device(device)
     if isinstance(model, str) and model.startswith(OPEN_CLIP_PREFIX):
-        return load_open_clip(model, device)
+        return load_open_clip(model, str(_device(device)))
     return VistokImageText(_tokenizer(model, device), _name(model))
 
 
@@ -68,16 +83,10 @@ def bench_recon(model: Model, data: str, *, metrics: Union[str, Sequence[str]] =
     "skipped", "skipped_files", "settings", "model", "data", "limit"}. Raises ValueError on bad options or
     data, FileNotFoundError when no requested metric can be built (e.g. LPIPS or Inception weights absent).
     """
-    from .data import resolve_images
-    from .recon import bench_recon as run
-
-    check_device(device)
-    if save_recon:
-        refuse_dir_inside_inputs(save_recon, [data], "--save-recon")
     images = resolve_images(data, limit=limit)
     tok = _tokenizer(model, device)
     built, errors = _build_metrics(metrics, "rfid", device, fid_resize, inception, lpips_net, lpips_weights)
-    result = run(tok, images, built, errors=errors, resolution=resolution, batch_size=batch_size, device=device,
+    result = _recon(tok, images, built, errors=errors, resolution=resolution, batch_size=batch_size, device=device,
                  workers=workers, save_recon=save_recon, progress="recon" if progress else None)
     return {**result.to_dict(), "model": _name(model), "data": data, "limit": limit}
 
@@ -89,13 +98,10 @@ def bench_compare(reference: str, test: str, *, metrics: Union[str, Sequence[str
     """Score the images of directory `test` against those of `reference`, paired by file name without extension
     (`vistok bench compare`). Returns the dict of `bench_recon` with "reference" and "test" instead of
     "model" and "data"."""
-    from .data import resolve_images
-    from .recon import bench_compare as run
-
-    check_device(device)
+    _device(device)
     images, others = resolve_images(reference), resolve_images(test)
     built, errors = _build_metrics(metrics, "fid", device, fid_resize, inception, lpips_net, lpips_weights)
-    result = run(images, others, built, errors=errors, limit=limit, batch_size=batch_size, device=device,
+    result = _compare(images, others, built, errors=errors, limit=limit, batch_size=batch_size, device=device,
                  workers=workers, progress="compare" if progress else None)
     return {**result.to_dict(), "reference": reference, "test": test, "limit": limit}
 
@@ -110,10 +116,8 @@ def bench_zeroshot(model: Model, data: str, *, classnames: str = "imagenet", tem
     Returns {"top1", "top5" (fractions in [0, 1]), "classes", "images", "skipped", "settings", "model", "data",
     "limit", ...}. Raises ValueError for a model without a text tower or image embedding.
     """
-    from .zeroshot import bench_zeroshot as run
-
     embedder = _image_text_model(model, device)
-    result = run(embedder, data, classnames=classnames, templates=templates, limit=limit, batch_size=batch_size,
+    result = _zeroshot(embedder, data, classnames=classnames, templates=templates, limit=limit, batch_size=batch_size,
                  workers=workers, device=device, progress="zeroshot" if progress else None)
     return {**result.to_dict(), "model": _name(model), "data": data, "limit": limit}
 
@@ -124,10 +128,8 @@ def bench_retrieval(model: Model, data: str, captions: str, *, limit: Optional[i
     (`vistok bench retrieval`). captions: .jsonl ({"image": path, "captions": [...]}) or .csv (image,caption)
     with image paths relative to `data`. Returns {"i2t_r1", ..., "t2i_r10" (fractions), "images", "captions",
     "skipped", "settings", "model", "data", "limit", ...}."""
-    from .retrieval import bench_retrieval as run
-
     embedder = _image_text_model(model, device)
-    result = run(embedder, data, captions, limit=limit, batch_size=batch_size, workers=workers, device=device,
+    result = _retrieval(embedder, data, captions, limit=limit, batch_size=batch_size, workers=workers, device=device,
                  progress="retrieval" if progress else None)
     return {**result.to_dict(), "model": _name(model), "data": data, "limit": limit}
 
@@ -138,15 +140,11 @@ def bench_codebook(model: Model, data: str, *, limit: Optional[int] = None, batc
     (`vistok bench codebook`). Returns {"codebooks": [{"codebook", "depth", "size", "used", "usage",
     "perplexity", "dead", "tokens"}, ...], "images", "skipped", "settings", "model", "data", "limit", ...}.
     Raises ValueError for a continuous tokenizer (no codebooks)."""
-    from .codebook import bench_codebook as run
-    from .data import resolve_images
-
-    check_device(device)
     images = resolve_images(data, limit=limit)
     tok = _tokenizer(model, device)
     if not tok.codebooks:
         raise ValueError(f"{_name(model)} has no discrete codebooks (continuous tokens): bench codebook needs a "
                          "discrete tokenizer")
-    result = run(tok, images, batch_size=batch_size, workers=workers, device=device,
+    result = _codebook(tok, images, batch_size=batch_size, workers=workers, device=device,
                  progress="codebook" if progress else None)
     return {**result.to_dict(), "model": _name(model), "data": data, "limit": limit}

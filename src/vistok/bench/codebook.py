@@ -20,6 +20,8 @@ from .data import ImageSet, Preprocessed, Skipped, iter_batches
 
 @dataclass
 class CodebookUsage:
+    """One row of `bench codebook`: usage of one codebook at one depth (or "all" depths of a shared one)."""
+
     codebook: str
     depth: str  # "0", "1", ... or "all"
     size: int
@@ -31,6 +33,8 @@ class CodebookUsage:
 
 
 def usage_from_counts(codebook: str, depth: str, counts: torch.Tensor) -> CodebookUsage:
+    """A usage row from per-code counts (size,): codes used, usage = used / size, perplexity = exp(entropy
+    of the empirical code distribution) (0 for no tokens), dead = never-used codes, tokens counted."""
     counts = counts.double()
     total = counts.sum()
     p = counts[counts > 0] / total
@@ -50,6 +54,8 @@ class CodeCounter:
         self.counts = {name: torch.zeros(spec.depth, spec.size, dtype=torch.long) for name, spec in codebooks.items()}
 
     def update(self, ids: dict[str, torch.Tensor]) -> None:
+        """Add the ids {name: (B, h, w, depth)} of one batch; ValueError for other codebooks, shapes or ids
+        out of range."""
         if ids is None or set(ids) != set(self.specs):
             raise ValueError(f"encode returned ids for {sorted(ids or {})}, expected codebooks {sorted(self.specs)}")
         for name, tensor in ids.items():
@@ -63,6 +69,7 @@ class CodeCounter:
                 self.counts[name][d] += torch.bincount(flat[:, d], minlength=spec.size)
 
     def results(self) -> list[CodebookUsage]:
+        """A row per codebook and depth (plus "all" for a shared codebook with several depths)."""
         rows = []
         for name, counts in self.counts.items():
             rows += [usage_from_counts(name, str(d), counts[d]) for d in range(counts.shape[0])]
@@ -73,12 +80,15 @@ class CodeCounter:
 
 @dataclass
 class CodebookResult:
+    """What `bench_codebook` returns: the usage rows, the images counted, the ones skipped, the protocol."""
+
     rows: list[CodebookUsage]
     images: int
     skipped: list[Skipped] = field(default_factory=list)
     settings: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
+        """The result as JSON types (what `--json` writes)."""
         return {"command": "codebook", "codebooks": [asdict(r) for r in self.rows], "images": self.images,
                 "skipped": len(self.skipped), "skipped_files": [asdict(s) for s in self.skipped],
                 "settings": self.settings}
@@ -87,6 +97,8 @@ class CodebookResult:
 @torch.inference_mode()
 def bench_codebook(tok, images: ImageSet, *, batch_size: int = 16, workers: int = 0, device: str = "cpu",
                    progress: Optional[str] = None) -> CodebookResult:
+    """Encode every image of `images` with `tok` (its own preprocessing) and count its ids: usage,
+    perplexity and dead codes per codebook and depth. ValueError for a model without codebooks."""
     counter = CodeCounter(tok.codebooks)
     count = 0
     for batch in iter_batches(images.items, Preprocessed(tok.preprocess_config), skipped=images.skipped,

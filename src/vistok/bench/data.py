@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..builtin import resolve_builtin
 from ..images import list_image_files, load_image, pil_to_pixels, preprocess_image
 
 BUILTIN_PREFIX = "builtin:"
@@ -37,12 +38,16 @@ class ImageItem:
 
 @dataclass
 class Skipped:
+    """An input left out of a benchmark, and why (unreadable, too small, ...)."""
+
     name: str
     reason: str
 
 
 @dataclass
 class ImageSet:
+    """A benchmark's images (`spec` names where they came from) and the ones skipped while loading."""
+
     spec: str
     items: list[ImageItem]
     skipped: list[Skipped] = field(default_factory=list)  # filled while the images are loaded
@@ -53,6 +58,8 @@ class ImageSet:
 
 @dataclass
 class Batch:
+    """One batch of items and what the transform gave for each."""
+
     items: list[ImageItem]
     values: list  # what the transform returned for each item
 
@@ -97,8 +104,7 @@ def image_folder(root: str | Path, *, limit: Optional[int] = None) -> tuple[list
 
 
 def builtin_items(spec: str) -> list[ImageItem]:
-    from ..builtin import resolve_builtin
-
+    """The images of a `builtin:photos...` spec as ImageItems."""
     return [ImageItem(name, image) for name, image in resolve_builtin(spec)]
 
 
@@ -174,6 +180,7 @@ def _few(names: Sequence[str], limit: int = 5) -> str:
 
 
 def load_item(item: ImageItem) -> Image.Image:
+    """The PIL image of an item (a path or an image already in memory); raises ValueError if unreadable."""
     source = item.source
     return load_image(source)
 

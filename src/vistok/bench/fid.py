@@ -41,6 +41,8 @@ FID_SIZE = 299
 
 
 class InceptionWeightsMissing(FileNotFoundError):
+    """The FID-Inception weights are not on this machine (the message says where they were looked for)."""
+
     pass
 
 
@@ -58,6 +60,7 @@ def wheel_inception_path() -> Optional[Path]:
 
 
 def pytorch_fid_cache_path() -> Path:
+    """Where pytorch-fid's FID-Inception weights would sit in the torch hub cache."""
     return Path(torch.hub.get_dir()) / "checkpoints" / PYTORCH_FID_FILE
 
 
@@ -171,6 +174,7 @@ class FIDInceptionV3(nn.Module):
         self.net.Mixed_7c.max_pool = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, 299, 299) with values in [0, 255] -> pool3 features (B, 2048)."""
         net, x = self.net, x / 127.5 - 1.0
         for name in ("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "maxpool1", "Conv2d_3b_1x1",
                      "Conv2d_4a_3x3", "maxpool2", "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b",
@@ -236,6 +240,7 @@ class InceptionFeatures:
         return self.network(x).double().cpu().numpy()
 
     def settings(self) -> dict:
+        """The network, weights and resizing used, for the result's `settings`."""
         kind = "TorchScript TF-layout FID-Inception" if isinstance(self.network, _TorchScriptInception) \
             else "pytorch-fid FID-Inception (state dict)"
         return {"network": f"Inception-v3 pool3 (2048-d), TF 2015-12-05 FID weights: {kind}",
@@ -258,6 +263,7 @@ class FeatureStats:
         self._rows: Optional[list] = []
 
     def update(self, features: np.ndarray) -> None:
+        """Add a batch of features (N, 2048) to the running mean and covariance (float64)."""
         x = np.asarray(features, dtype=np.float64)
         n_b = x.shape[0]
         if n_b == 0:
@@ -280,6 +286,7 @@ class FeatureStats:
 
     @property
     def sigma(self) -> np.ndarray:
+        """The sample covariance (2048, 2048); ValueError with fewer than 2 images."""
         if self.n < 2:
             raise ValueError(f"FID needs at least 2 images per set, got {self.n}")
         return self._m2 / (self.n - 1)

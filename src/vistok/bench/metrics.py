@@ -19,6 +19,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..losses.lpips import find_backbone, load_lpips
+
 SSIM_WINDOW, SSIM_SIGMA, SSIM_K1, SSIM_K2, DATA_RANGE = 11, 1.5, 0.01, 0.03, 255.0
 UINT8_RULE = "uint8 = round(clamp((x + 1) / 2, 0, 1) * 255)"
 
@@ -39,6 +41,7 @@ def psnr_uint8(reference: torch.Tensor, test: torch.Tensor) -> torch.Tensor:
 
 
 def gaussian_kernel(size: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA) -> torch.Tensor:
+    """The normalised 1-D Gaussian window (size,) float64 of SSIM (11 taps, sigma 1.5 by default)."""
     x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
     kernel = torch.exp(-0.5 * (x / sigma) ** 2)
     return kernel / kernel.sum()
@@ -89,23 +92,32 @@ class _PerImageMean:
 
 
 class PSNR(_PerImageMean):
+    """PSNR in dB on uint8 images, per image then averaged."""
+
     name = "psnr"
 
     def per_image(self, reference, test):
+        """10 log10(255^2 / MSE) per image (N,) of uint8 (N, 3, H, W) pairs."""
         return psnr_uint8(reference, test)
 
     def settings(self) -> dict:
+        """The formula, input rule and averaging, for the result's `settings`."""
         return {"formula": "10 log10(255^2 / MSE), MSE over pixels and RGB channels", "input": UINT8_RULE,
                 "averaging": "per image, then mean over images"}
 
 
 class SSIM(_PerImageMean):
+    """SSIM (Gaussian 11x11 window, sigma 1.5, K1 0.01, K2 0.03, valid windows) on uint8 images, per image
+    then averaged."""
+
     name = "ssim"
 
     def per_image(self, reference, test):
+        """SSIM per image (N,) of uint8 (N, 3, H, W) pairs, as skimage's gaussian_weights=True."""
         return ssim_uint8(reference, test)
 
     def settings(self) -> dict:
+        """The window, constants, covariance and border rules, for the result's `settings`."""
         return {"window": f"Gaussian {SSIM_WINDOW}x{SSIM_WINDOW}, sigma {SSIM_SIGMA}", "K1": SSIM_K1, "K2": SSIM_K2,
                 "data_range": DATA_RANGE, "covariance": "population (use_sample_covariance=False)",
                 "border": "valid windows only (skimage crops 5 px)", "input": UINT8_RULE,
@@ -115,17 +127,18 @@ class SSIM(_PerImageMean):
 
 
 class LPIPS(_PerImageMean):
+    """LPIPS (v0.1 linear heads on a local VGG or AlexNet backbone) on uint8 images, per image then averaged."""
+
     name = "lpips"
 
     def __init__(self, net: str = "vgg", weights: Optional[str] = None, device: str = "cpu"):
-        from ..losses.lpips import find_backbone, load_lpips
-
         super().__init__()
         self.net, self.weights = net, str(find_backbone(net, weights))
         self.model = load_lpips(net, self.weights).to(device)
 
     @torch.no_grad()
     def per_image(self, reference, test):
+        """LPIPS distance per image (N,) of uint8 (N, 3, H, W) pairs, mapped to [-1, 1] first."""
         _check_pair(reference, test)
         device = next(self.model.parameters()).device
         x = reference.to(device).float() / 127.5 - 1.0
@@ -133,6 +146,7 @@ class LPIPS(_PerImageMean):
         return self.model(x, y).flatten()
 
     def settings(self) -> dict:
+        """The backbone, its weights file and the input rule, for the result's `settings`."""
         return {"net": self.net, "version": "lpips 0.1.4, v0.1 linear heads", "backbone_weights": self.weights,
                 "input": f"{UINT8_RULE}, then x / 127.5 - 1", "averaging": "per image, then mean over images"}
 
@@ -154,11 +168,13 @@ class FID:
         self.test.update(self.features(test))
 
     def value(self) -> float:
+        """The Frechet distance between the two sets' Inception statistics."""
         from .fid import fid_from_stats
 
         return fid_from_stats(self.reference, self.test)
 
     def settings(self) -> dict:
+        """The Inception network's settings and the input rule, for the result's `settings`."""
         return {**self.features.settings(), "input": UINT8_RULE}
 
 
@@ -184,4 +200,5 @@ def build_metrics(names: Sequence[str], *, fid_name: str = "fid", inception: Opt
 
 
 def parse_metric_list(text: str) -> list[str]:
+    """"rfid, PSNR,ssim" -> ["rfid", "psnr", "ssim"] (lower-cased, blanks dropped)."""
     return [t.strip().lower() for t in text.split(",") if t.strip()]

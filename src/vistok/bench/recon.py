@@ -33,26 +33,15 @@ class ScoreResult:
     settings: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
+        """The result as JSON types (what `--json` writes)."""
         return {"command": self.command, **self.values, "images": self.images, "skipped": len(self.skipped),
                 "skipped_files": [dataclasses.asdict(s) for s in self.skipped], "errors": self.errors,
                 "settings": self.settings}
 
 
-def reconstruct(tok, pixels: torch.Tensor) -> torch.Tensor:
-    """Encode and decode (B, 3, H, W) pixels in [-1, 1]: latents for the KL family, ids otherwise."""
-    return decode_encoding(tok, tok.encode(pixels))
-
-
-def decode_encoding(tok, enc) -> torch.Tensor:
-    """`tok.decode` of an encoding: its latents for the KL family, its ids otherwise."""
-    if enc.latents is not None:
-        return tok.decode(latents=enc.latents)
-    if enc.ids is None:
-        raise ValueError(f"{type(tok).__name__}.encode returned neither latents nor ids: nothing to decode")
-    return tok.decode(ids=enc.ids)
-
-
 def recon_preprocess(tok, resolution: Optional[int] = None) -> PreprocessConfig:
+    """The tokenizer's preprocessing, or at `resolution` (center crop when it had none); ValueError for a
+    resolution below 1."""
     cfg = tok.preprocess_config
     if resolution is None:
         return cfg
@@ -117,7 +106,7 @@ def bench_recon(tok, images: ImageSet, metrics: list, *, errors: Optional[dict] 
         names = [item.name for item in batch.items]
         reference = _stack(batch.values, names).to(device)
         pixels = tok.validate_pixels(reference.float() / 127.5 - 1.0)
-        test = to_uint8(reconstruct(tok, pixels))
+        test = to_uint8(tok.reconstruct(pixels))
         for metric in metrics:
             metric.update(reference, test)
         if out is not None:

@@ -113,6 +113,8 @@ def recall_at_k(similarity: torch.Tensor, caption_image: torch.Tensor, ks: Seque
 
 @dataclass
 class RetrievalResult:
+    """What `bench_retrieval` returns: recall@k both ways, the counts, the skipped inputs, the protocol."""
+
     recalls: dict[str, float]
     images: int
     captions: int
@@ -120,6 +122,7 @@ class RetrievalResult:
     settings: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
+        """The result as JSON types (what `--json` writes)."""
         return {"command": "retrieval", **self.recalls, "images": self.images, "captions": self.captions,
                 "skipped": len(self.skipped), "skipped_files": [asdict(s) for s in self.skipped],
                 "settings": self.settings}
@@ -129,6 +132,8 @@ class RetrievalResult:
 def bench_retrieval(model: ImageTextModel, data: str, captions: str, *, limit: Optional[int] = None,
                     batch_size: int = 64, workers: int = 0, device: str = "cpu",
                     progress: Optional[str] = None) -> RetrievalResult:
+    """Image-text retrieval on DATA's images and a captions file: recall@1/5/10 for image->text and
+    text->image over L2-normalised embeddings (cosine similarity)."""
     entries = read_captions(captions)[:limit]
     images = caption_images(data, [name for name, _ in entries])
     image_emb, kept = embed_image_set(model, images, batch_size=batch_size, workers=workers, device=device,

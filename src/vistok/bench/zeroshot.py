@@ -36,12 +36,15 @@ class ImageTextModel:
     transform: Callable  # an ImageItem -> (3, H, W) model input (picklable, for loader workers)
 
     def embed_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels (B, 3, H, W) in [-1, 1] -> L2-normalised image embeddings (B, E)."""
         raise NotImplementedError
 
     def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        """Texts -> L2-normalised text embeddings (N, E) in the images' space."""
         raise NotImplementedError
 
     def settings(self) -> dict:
+        """The model and embedding rules, for the result's `settings`."""
         return {"model": self.name}
 
 
@@ -65,6 +68,7 @@ class VistokImageText(ImageTextModel):
         self.transform = Preprocessed(tok.preprocess_config)
 
     def embed_images(self, pixels):
+        """`encode(x).pooled`, L2-normalised (B, E); ValueError for a model without a pooled embedding."""
         pooled = self.tok.encode(self.tok.validate_pixels(pixels)).pooled
         if pooled is None:
             raise ValueError(f"{self.name} has no CLIP-space image embedding (encode(...).pooled is None): the "
@@ -73,12 +77,14 @@ class VistokImageText(ImageTextModel):
         return _normalise(pooled)
 
     def embed_texts(self, texts):
+        """`encode_text(texts)`, L2-normalised (N, E); ValueError for a model without a text tower."""
         try:
             return _normalise(self.tok.encode_text(list(texts)))
         except NotImplementedError as exc:
             raise ValueError(f"{self.name}: {exc}; the semantic benchmarks need a text tower") from None
 
     def settings(self) -> dict:
+        """The model, embedding rules and preprocessing, for the result's `settings`."""
         return {"model": self.name, "image_embedding": "encode(x).pooled, L2-normalised",
                 "text_embedding": "encode_text, L2-normalised", "preprocess": self.tok.preprocess_config.to_dict()}
 
@@ -91,13 +97,16 @@ class OpenCLIPImageText(ImageTextModel):
         self.preprocess_cfg, self.transform = preprocess_cfg, _OpenCLIPTransform(preprocess)
 
     def embed_images(self, pixels):
+        """open_clip's `encode_image(normalize=True)`: (B, E)."""
         return _normalise(self.model.encode_image(pixels, normalize=True))
 
     def embed_texts(self, texts):
+        """open_clip's `encode_text(normalize=True)` of the tokenized texts: (N, E)."""
         device = next(self.model.parameters()).device
         return _normalise(self.model.encode_text(self.tokenizer(list(texts)).to(device), normalize=True))
 
     def settings(self) -> dict:
+        """The model, embedding rules and preprocessing, for the result's `settings`."""
         return {"model": self.name, "image_embedding": "open_clip encode_image(normalize=True)",
                 "text_embedding": "open_clip encode_text(normalize=True)", "preprocess": self.preprocess_cfg}
 
@@ -242,6 +251,8 @@ def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] 
 
 @dataclass
 class ZeroShotResult:
+    """What `bench_zeroshot` returns: top-1 / top-5 accuracy, counts, predictions, skipped inputs, the protocol."""
+
     top1: float
     top5: float
     images: int
@@ -251,6 +262,7 @@ class ZeroShotResult:
     settings: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
+        """The result as JSON types (what `--json` writes)."""
         return {"command": "zeroshot", "top1": self.top1, "top5": self.top5, "images": self.images,
                 "classes": self.classes, "skipped": len(self.skipped),
                 "skipped_files": [asdict(s) for s in self.skipped], "settings": self.settings}
@@ -260,6 +272,8 @@ class ZeroShotResult:
 def bench_zeroshot(model: ImageTextModel, root: str, *, classnames: str = "imagenet", templates: str = "openai",
                    limit: Optional[int] = None, batch_size: int = 64, workers: int = 0, device: str = "cpu",
                    progress: Optional[str] = None) -> ZeroShotResult:
+    """Zero-shot classification of an ImageFolder-style `root`: one classifier row per class (the mean of
+    its prompt embeddings, `templates` x `classnames`), top-1 / top-5 accuracy of cosine similarity."""
     folders, images = image_folder(root, limit=limit)
     names, prompts = resolve_classnames(classnames, folders), resolve_templates(templates)
     classifier = zero_shot_classifier(model, names, prompts, texts_per_batch=batch_size * 4,

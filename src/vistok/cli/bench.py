@@ -12,6 +12,7 @@ from pathlib import Path
 
 import click
 
+from .common import check_device, refuse_dir_inside_inputs
 from .output import emit, log
 
 _FID_RESIZES = ("clean", "pytorch-fid")
@@ -128,6 +129,9 @@ def recon_cmd(model, data, metrics, resolution, save_recon, fid_resize, inceptio
     """
     from ..bench.api import bench_recon
 
+    check_device(device)
+    if save_recon:
+        refuse_dir_inside_inputs(save_recon, [data], "--save-recon")
     out = bench_recon(model, data, metrics=metrics, resolution=resolution, save_recon=save_recon, limit=limit,
                       batch_size=batch_size, device=device, workers=workers, fid_resize=fid_resize,
                       inception=inception, lpips_net=lpips_net, lpips_weights=lpips_weights)
@@ -145,6 +149,7 @@ def compare_cmd(ref_dir, test_dir, metrics, fid_resize, inception, lpips_net, lp
     """Score the images of TEST_DIR against those of REF_DIR, paired by file name without extension."""
     from ..bench.api import bench_compare
 
+    check_device(device)
     out = bench_compare(ref_dir, test_dir, metrics=metrics, limit=limit, batch_size=batch_size, device=device,
                         workers=workers, fid_resize=fid_resize, inception=inception, lpips_net=lpips_net,
                         lpips_weights=lpips_weights)
@@ -167,6 +172,7 @@ def zeroshot_cmd(model, data, classnames, templates, limit, batch_size, device, 
     """
     from ..bench.api import bench_zeroshot
 
+    check_device(device)
     out = bench_zeroshot(model, data, classnames=classnames, templates=templates, limit=limit,
                          batch_size=batch_size, device=device, workers=workers)
     rows = [{"metric": "top1", "value": out["top1"], "protocol": f"{out['classes']} classes, {templates} templates"},
@@ -185,6 +191,7 @@ def retrieval_cmd(model, data, captions, limit, batch_size, device, workers, jso
     """Image->text and text->image recall@1/5/10 of MODEL on the captioned images in DATA."""
     from ..bench.api import bench_retrieval
 
+    check_device(device)
     out = bench_retrieval(model, data, captions, limit=limit, batch_size=batch_size, device=device,
                           workers=workers)
     rows = [{"metric": k, "value": v, "protocol": ("any caption of the image in the top K" if k.startswith("i2t")
@@ -203,6 +210,7 @@ def codebook_cmd(model, data, limit, batch_size, device, workers, json_file):
     """Per codebook and depth: usage, perplexity and dead codes of MODEL's ids on DATA."""
     from ..bench.api import bench_codebook
 
+    check_device(device)
     out = bench_codebook(model, data, limit=limit, batch_size=batch_size, device=device, workers=workers)
     columns = ["codebook", "depth", "size", "used", "usage", "perplexity", "dead", "tokens"]
     _report(out["codebooks"], out, json_file, columns=columns)

@@ -99,7 +99,7 @@ def check_provenance(meta: dict, tok, file: str, model: str) -> None:
 @click.argument("model")
 @click.argument("images", nargs=-1, required=True)
 @click.option("--out", "out", required=True, type=click.Path(dir_okay=False), help="output .safetensors file")
-@click.option("--sample", is_flag=True, help="KL family: sample the posterior instead of taking its mean")
+@click.option("--sample", is_flag=True, help="KL and MAR families: sample the posterior instead of taking its mean")
 @click.option("--seed", default=0, show_default=True, type=SEED, help="seed for --sample")
 @_batch_option
 @_device_option
@@ -115,14 +115,18 @@ def encode_cmd(model, images, out, sample, seed, batch_size, device, as_json):
     files = _image_files(images)
     refuse_overwrite([out], files, "--out")
     tok = load_model(model, device)
-    gen = torch.Generator(device=device).manual_seed(seed)
+    options = {}
+    if sample:
+        if "sample" not in tok.encode_options:
+            raise ValueError(f"--sample: {model} ({type(tok).__name__}) encodes deterministically; only families "
+                             "with a posterior (KL, MAR) take it")
+        options = {"sample": True, "generator": torch.Generator(device=device).manual_seed(seed)}
     collected: dict[str, list] = {}
     grid = None
     with _progress(len(files), "encode") as bar:
         for chunk in _batches(files, batch_size):
             pixels = tok.preprocess(chunk).to(device)
-            kwargs = {"sample": True, "generator": gen} if sample and tok.family == "kl" else {}
-            enc = tok.encode(pixels, **kwargs)
+            enc = tok.encode(pixels, **options)
             grid = enc.grid
             if enc.ids is not None:
                 for name, v in enc.ids.items():
@@ -217,8 +221,7 @@ def reconstruct_cmd(model, images, out_dir, grid, batch_size, device, as_json):
     with _progress(len(files), "reconstruct") as bar:
         for chunk in _batches(files, batch_size):
             pixels = tok.preprocess(chunk).to(device)
-            enc = tok.encode(pixels)
-            recon = tok.decode(latents=enc.latents) if enc.latents is not None else tok.decode(ids=enc.ids)
+            recon = tok.reconstruct(pixels)
             mse = (recon.float() - pixels.float()).pow(2).flatten(1).mean(1) / 4.0  # on [0, 1] scale
             for f, img, e in zip(chunk, pixels_to_pil(recon), mse):
                 img.save(out / f"{f.stem}.png")

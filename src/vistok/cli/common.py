@@ -11,6 +11,7 @@ from .output import log
 
 
 def check_device(device: str):
+    """`--device` as a torch.device; ValueError when it is malformed or names a CUDA device this machine lacks."""
     import torch
 
     try:

@@ -9,6 +9,7 @@ import click
 
 
 def log(msg: str) -> None:
+    """A message for people: to stderr, so stdout keeps only results."""
     click.echo(msg, err=True)
 
 

@@ -4,7 +4,7 @@ Third-party files are read here only, with `torch.load(weights_only=True)`: neve
 pickled code.
 """
 
-from .checkpoint_io import read_checkpoint
+from ..weights import read_checkpoint
 from .dualtoken import convert_dualtoken
 from .diffusers_export import export_diffusers, kl_diffusers_config, kl_to_diffusers_state_dict
 from .llamagen_vq import convert_llamagen_vq

@@ -21,6 +21,8 @@ _ATTN_LEAF = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj
 
 
 def kl_diffusers_config(tok: KLTokenizer) -> dict:
+    """The diffusers `AutoencoderKL` config.json dict that expresses KL tokenizer `tok` (block types per
+    level, channels, scaling factor)."""
     cfg = tok.config
     levels = len(cfg["ch_mult"])
     down = ["AttnDownEncoderBlock2D" if i in cfg["encoder_attn_levels"] else "DownEncoderBlock2D"
@@ -80,6 +82,9 @@ def kl_to_diffusers_state_dict(tok: KLTokenizer) -> dict[str, torch.Tensor]:
 
 
 def export_diffusers(tok: KLTokenizer, dst: str | Path) -> Path:
+    """Write KL tokenizer `tok` as a diffusers `AutoencoderKL` directory `dst` (config.json +
+    diffusion_pytorch_model.safetensors, renamed keys); returns `dst`. Raises ValueError for another family
+    or a KL model diffusers cannot express (z_channels != embed_dim, ch_mult[0] != 1)."""
     if not isinstance(tok, KLTokenizer):
         raise ValueError(f"export-diffusers supports the KL family only, got {type(tok).__name__}")
     cfg = tok.config

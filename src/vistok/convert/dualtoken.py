@@ -35,11 +35,11 @@ from typing import Optional
 
 import torch
 
-from ..tokenizers.base import load_state_dict_strict
 from ..tokenizers.dualtoken import DualTokenTokenizer
 from ..tokenizers.siglip_hf import (clip_config_from_hf, hf_siglip_state_dict_to_vistok, key_list, read_hf_config,
                                     read_hf_weights)
-from .checkpoint_io import check_destination, read_checkpoint, strip_prefixes
+from ..weights import load_state_dict_strict, read_checkpoint, strip_prefixes
+from .checkpoint_io import check_destination
 
 PROJECTIONS = {"prequant_pix": "pixel_in", "prequant_shortcut": "shortcut_in", "prequant_sem": "semantic_in",
                "postquant_pix": "pixel_out", "postquant_sem": "semantic_out"}

@@ -10,12 +10,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from ..tokenizers.base import load_state_dict_strict
 from ..tokenizers.registry import create_tokenizer
-from .checkpoint_io import check_destination, read_checkpoint, strip_prefixes, unwrap_state_dict
+from ..weights import load_state_dict_strict, read_checkpoint, strip_prefixes, unwrap_state_dict
+from .checkpoint_io import check_destination
 
 
 def convert_llamagen_vq(src: str | Path, dst: str | Path, *, preset: Optional[str] = None) -> dict:
+    """LlamaGen's `vq_ds16_*.pt` (read with weights_only=True; `ema` / `model` / `state_dict`, `module.`
+    unwrapped) -> a vistok release at `dst` of `preset` (default llamagen-vq16), loaded strictly. Returns a
+    summary dict. Raises ValueError / CheckpointMismatchError naming the problem, and refuses a `dst` that
+    holds other files."""
     import argparse
 
     check_destination(dst, "llamagen-vq16")

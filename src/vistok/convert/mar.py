@@ -20,10 +20,10 @@ from typing import Optional
 
 import torch
 
-from ..tokenizers.base import load_state_dict_strict
 from ..tokenizers.mar import OFFICIAL_NUM_HEADS, OFFICIAL_SIZES, MARTokenizer
 from ..tokenizers.registry import get_preset
-from .checkpoint_io import check_destination, read_checkpoint, strip_prefixes, unwrap_state_dict
+from ..weights import load_state_dict_strict, read_checkpoint, strip_prefixes, unwrap_state_dict
+from .checkpoint_io import check_destination
 from .mar_kl import normalize_kl_state_dict
 
 HARMON_DROPPED = ("llm.", "proj_in.", "proj_out.")

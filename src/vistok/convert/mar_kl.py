@@ -7,9 +7,9 @@ from typing import Optional
 
 import torch
 
-from ..tokenizers.base import load_state_dict_strict
 from ..tokenizers.registry import create_tokenizer
-from .checkpoint_io import check_destination, read_checkpoint, strip_prefixes, unwrap_state_dict
+from ..weights import load_state_dict_strict, read_checkpoint, strip_prefixes, unwrap_state_dict
+from .checkpoint_io import check_destination
 
 KL_PREFIXES = ("module.", "first_stage_model.", "vae.")
 

@@ -10,12 +10,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
+from ..tokenizers.registry import create_tokenizer
+from ..tokenizers.siglip_hf import is_hf_siglip_folder, siglip_init_args
+from .checkpoint_io import check_destination
+
 
 def convert_siglip(src: str | Path, dst: str | Path, *, preset: Optional[str] = None, **overrides) -> dict:
-    from ..tokenizers.registry import create_tokenizer
-    from ..tokenizers.siglip_hf import is_hf_siglip_folder, siglip_init_args
-    from .checkpoint_io import check_destination
-
+    """SigLIP weights (an open_clip file, or an HF SigLIP / SigLIP2 folder) -> a DualToken release at
+    `dst` of `preset` (default dualtoken-so400m-384) whose tower and teacher start from them; `overrides`
+    are constructor arguments. Returns a summary dict; ValueError for a directory that is not an HF
+    SigLIP folder or a `dst` that holds other files."""
     check_destination(dst, "siglip")
 
     preset = preset or "dualtoken-so400m-384"

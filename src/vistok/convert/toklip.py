@@ -32,9 +32,10 @@ from typing import Optional
 
 import torch
 
-from ..tokenizers.base import load_state_dict_strict
 from ..tokenizers.registry import create_tokenizer, get_preset
-from .checkpoint_io import check_destination, read_checkpoint, strip_prefixes, unwrap_state_dict
+from ..tokenizers.toklip import TokLIPTokenizer
+from ..weights import load_state_dict_strict, read_checkpoint, strip_prefixes, unwrap_state_dict
+from .checkpoint_io import check_destination
 
 RULES = (("visual.trunk.vq_table.", "vq_table."), ("visual.trunk.vq_mapping.", "vq_mapping."),
          ("visual.trunk.vq.", "vq."), ("visual.", "siglip.visual."), ("text.", "siglip.text."),
@@ -49,6 +50,7 @@ VISION_FIELDS = ("image_size", "patch_size", "width", "layers", "head_width", "m
 
 
 def map_toklip_keys(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """TokLIP's state dict -> (vistok keys -> tensors, the TokLIP keys no rule places), by `RULES` prefix."""
     mapped, unplaced = {}, []
     for key, value in state_dict.items():
         rule = next((r for r in RULES if key.startswith(r[0])), None)
@@ -154,8 +156,6 @@ def _build(preset: Optional[str], args: dict):
         torch.manual_seed(0)  # the filled keys are the same on every conversion
         if preset is not None:
             return create_tokenizer(preset, with_teacher=False, **args)
-        from ..tokenizers.toklip import TokLIPTokenizer
-
         return TokLIPTokenizer(with_teacher=False, **args)
 
 

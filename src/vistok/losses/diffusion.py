@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..rng import randint, randn
+from ..weights import load_state_dict_strict, read_checkpoint, strip_prefixes
 
 
 # ----------------------------------------------------------------------------------- denoiser
@@ -336,9 +337,6 @@ class DiffusionHead(nn.Module):
         """Load the head from a MAR checkpoint (`{'model', 'model_ema', ..., 'args'}`; `diffloss.net.*`
         weights). The architecture is read off the weight shapes. Weights only: the one non-tensor
         class allowed in the pickle is argparse.Namespace (MAR's `args`); anything else is refused."""
-        from ..convert.checkpoint_io import read_checkpoint, strip_prefixes
-        from ..tokenizers.base import load_state_dict_strict
-
         ckpt = read_checkpoint(path, allowed_globals=[argparse.Namespace])
         key = "model_ema" if ema and isinstance(ckpt, dict) and "model_ema" in ckpt else "model"
         sd = ckpt.get(key, ckpt) if isinstance(ckpt, dict) else ckpt

@@ -8,31 +8,25 @@ with L_sem = 5 (MSE - cos)(features) + 1 (MSE - cos)(pooled), and w_adapt from t
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 from torch import nn
 
+from .base import LossOutput, require_last_layer
 from .reconstruction import ReconstructionLoss
 from .semantic import semantic_loss
 
 
-@dataclass
-class LossOutput:
-    total: torch.Tensor
-    terms: dict[str, torch.Tensor] = field(default_factory=dict)  # unweighted, detached, for logging
-
-    def check_finite(self, step: int) -> None:
-        """Raise naming the step and the first non-finite term (the trainer stops on it)."""
-        if torch.isfinite(self.total):
-            return
-        bad = [k for k, v in self.terms.items() if not torch.isfinite(v).all()]
-        raise FloatingPointError(f"non-finite loss at step {step}: total={self.total.item()}"
-                                 + (f"; non-finite terms: {bad}" if bad else ""))
-
-
 class DualTokenLoss(nn.Module):
+    """DualToken's stage-1 generator objective and its discriminator's loss (an `AdversarialLoss`).
+
+    Weights as the official `train.py` (module docstring); `pixel` is "mse" or "l1"; `lpips_weight` > 0
+    needs LPIPS's VGG weights locally (`lpips_backbone`, see losses/lpips.py); `gan_weight` 0 builds no
+    discriminator. `discriminator` is `PatchDiscriminator` keyword arguments. Raises ValueError for an
+    unknown `d_loss` (and, at the first call, an unknown `pixel`).
+    """
+
     def __init__(self, *, semantic_weight: float = 1.0, feature_weight: float = 5.0, pooled_weight: float = 1.0,
                  commitment_weight: float = 5.0, pixel_weight: float = 5.0, lpips_weight: float = 1.0,
                  gan_weight: float = 0.75, gan_start: int = 0, pixel: str = "mse", lpips_net: str = "vgg",
@@ -49,13 +43,26 @@ class DualTokenLoss(nn.Module):
 
     @property
     def discriminator(self) -> Optional[nn.Module]:
+        """The PatchGAN discriminator, or None with gan_weight 0."""
         return self.reconstruction.discriminator
 
     def gan_active(self, step: int) -> bool:
+        """Whether the GAN terms count at `step` (from `gan_start` on, with a discriminator)."""
         return self.reconstruction.gan_active(step)
 
-    def forward(self, model, out, pixels: torch.Tensor, *, step: int) -> LossOutput:
-        """The generator-side objective for a `DualTokenForward` `out` of `model` on `pixels`."""
+    def forward(self, out, pixels: torch.Tensor, *, step: int,
+                last_layer: Optional[torch.Tensor] = None) -> LossOutput:
+        """The generator-side objective.
+
+        out: a `DualTokenForward` (reconstruction (B, 3, H, W), semantic_features (B, N, width), pooled
+            (B, E), commitment_loss name -> 0-dim, teacher_features / teacher_pooled with the semantic loss).
+        pixels: the targets (B, 3, H, W), float in [-1, 1]. step: the 0-based optimiser step.
+        last_layer: the decoder's last-layer weight (`model.decoder.last_layer`), where the adaptive GAN
+            weight compares the gradient norms; needed once the GAN is active and gradients are on.
+        Returns a `LossOutput` (fp32 total; terms semantic_*, commit_*, pixel, lpips, gan, gan_weight).
+        Raises ValueError without the teacher's targets (semantic_weight > 0) or without `last_layer`
+        when the adaptive weight needs it.
+        """
         terms: dict[str, torch.Tensor] = {}
         total = pixels.new_zeros((), dtype=torch.float32)
         if self.semantic_weight:
@@ -68,15 +75,18 @@ class DualTokenLoss(nn.Module):
         commit = sum(out.commitment_loss.values())
         total = total + self.commitment_weight * commit
         terms.update({f"commit_{k}": v for k, v in out.commitment_loss.items()})
+        if self.gan_active(step) and torch.is_grad_enabled():
+            require_last_layer(last_layer, "DualTokenLoss")
         rec = self.reconstruction.generator_terms(out.reconstruction.float(), pixels.float(), step=step,
-                                                  last_layer=model.decoder.last_layer)
+                                                  last_layer=last_layer)
         total = total + self.pixel_weight * rec.pixel + self.lpips_weight * rec.perceptual
         total = total + rec.adaptive_weight * self.gan_weight * rec.adversarial
         terms.update(pixel=rec.pixel, lpips=rec.perceptual, gan=rec.adversarial, gan_weight=rec.adaptive_weight)
         return LossOutput(total, {k: v.detach().float() for k, v in terms.items()})
 
     def discriminator_loss(self, out, pixels: torch.Tensor, *, step: int) -> torch.Tensor:
-        """The discriminator's loss, scaled by 0.75 as the official code back-propagates it (the code leaves
-        it unscaled during its GAN start epoch; vistok scales it throughout)."""
+        """The discriminator's 0-dim loss on `pixels` and the detached `out.reconstruction` (both (B, 3, H, W)
+        in [-1, 1]), scaled by 0.75 as the official code back-propagates it (the code leaves it unscaled
+        during its GAN start epoch; vistok scales it throughout); zero before the GAN starts."""
         loss = self.reconstruction.discriminator_step_loss(out.reconstruction.float(), pixels.float(), step=step)
         return self.disc_loss_weight * loss

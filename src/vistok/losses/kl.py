@@ -18,12 +18,19 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .dualtoken import LossOutput
+from .base import LossOutput, require_last_layer
 from .lpips import FrozenLPIPS
 from .reconstruction import NLayerDiscriminator, adaptive_weight, discriminator_step_loss, generator_gan_term
 
 
 class LDMKLLoss(nn.Module):
+    """LDM's `LPIPSWithDiscriminator` (an `AdversarialLoss`); defaults are kl-f16's.
+
+    `perceptual_weight` > 0 needs LPIPS's VGG weights locally (`lpips_backbone`); `disc_factor` 0 builds no
+    discriminator; `discriminator` is `NLayerDiscriminator` keyword arguments. `logvar` is the learned
+    scalar log-variance (a parameter; trained only with `learn_logvar=True`, see the module docstring).
+    """
+
     def __init__(self, *, kl_weight: float = 1e-6, perceptual_weight: float = 1.0, logvar_init: float = 0.0,
                  disc_start: int = 50001, disc_weight: float = 0.5, disc_factor: float = 1.0,
                  lpips_net: str = "vgg", lpips_backbone: Optional[str] = None, discriminator: Optional[dict] = None,
@@ -36,6 +43,7 @@ class LDMKLLoss(nn.Module):
         self.discriminator = NLayerDiscriminator(**(discriminator or {})) if disc_factor > 0 else None
 
     def gan_active(self, step: int) -> bool:
+        """Whether the GAN terms count at `step` (from `disc_start` on, with a discriminator)."""
         return self.discriminator is not None and step >= self.disc_start
 
     def _perceptual(self, x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -43,7 +51,17 @@ class LDMKLLoss(nn.Module):
             return x.new_zeros(())
         return self.lpips.distance(x, x_hat)  # (B, 1, 1, 1), broadcast over pixels as in LDM
 
-    def forward(self, model, out, pixels: torch.Tensor, *, step: int) -> LossOutput:
+    def forward(self, out, pixels: torch.Tensor, *, step: int,
+                last_layer: Optional[torch.Tensor] = None) -> LossOutput:
+        """The generator-side objective.
+
+        out: a `KLForwardOutput` (reconstruction (B, 3, H, W) from a sampled latent; posterior, whose
+            `kl()` is per sample (B,)). pixels: the targets (B, 3, H, W), float in [-1, 1].
+        step: the 0-based optimiser step. last_layer: the decoder's last-layer weight
+            (`model.decoder.last_layer`), needed once the GAN is active and gradients are on.
+        Returns a `LossOutput` (fp32 total; terms nll, kl, l1, logvar, gan, gan_weight).
+        Raises ValueError without `last_layer` when the adaptive weight needs it.
+        """
         x, x_hat = pixels.float(), out.reconstruction.float()
         batch = x.shape[0]
         rec = (x - x_hat).abs() + self.perceptual_weight * self._perceptual(x_hat, x)
@@ -54,13 +72,16 @@ class LDMKLLoss(nn.Module):
         if self.gan_active(step):
             g_loss = generator_gan_term(self.discriminator, x_hat)
             if torch.is_grad_enabled():
-                weight = self.disc_weight * adaptive_weight(nll, g_loss, model.decoder.last_layer, clamp=(0.0, 1e4))
+                layer = require_last_layer(last_layer, "LDMKLLoss")
+                weight = self.disc_weight * adaptive_weight(nll, g_loss, layer, clamp=(0.0, 1e4))
             total = total + weight * self.disc_factor * g_loss
         terms = {"nll": nll, "kl": kl, "l1": (x - x_hat).abs().mean(), "logvar": self.logvar, "gan": g_loss,
                  "gan_weight": weight}
         return LossOutput(total, {k: v.detach().float() for k, v in terms.items()})
 
     def discriminator_loss(self, out, pixels: torch.Tensor, *, step: int) -> torch.Tensor:
+        """disc_factor x the relu hinge of the discriminator on `pixels` and the detached
+        `out.reconstruction` ((B, 3, H, W) in [-1, 1]): a 0-dim tensor, zero before `disc_start`."""
         if not self.gan_active(step):
             return pixels.new_zeros(())
         return self.disc_factor * discriminator_step_loss(self.discriminator, pixels, out.reconstruction)

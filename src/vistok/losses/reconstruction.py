@@ -55,6 +55,7 @@ class PatchDiscriminator(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, in_channels, H, W), images in [-1, 1] -> patch logits (B, 1, H/8, W/8) for 3 layers."""
         return self.head(self.blocks(F.leaky_relu(self.stem(x), 0.2)))
 
 
@@ -67,6 +68,7 @@ def discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor, kin
 
 
 def generator_adversarial_loss(fake_logits: torch.Tensor) -> torch.Tensor:
+    """-mean D(x_hat) over the patch logits of any shape: a 0-dim tensor (taming's hinge generator loss)."""
     return -fake_logits.mean()
 
 
@@ -95,6 +97,8 @@ def adaptive_weight(nll_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: to
 
 
 def pixel_loss(x_hat: torch.Tensor, x: torch.Tensor, kind: str = "mse") -> torch.Tensor:
+    """Mean squared ("mse") or absolute ("l1") error over all elements of same-shape tensors: 0-dim.
+    Raises ValueError naming any other `kind`."""
     if kind == "mse":
         return F.mse_loss(x_hat, x)
     if kind == "l1":
@@ -104,6 +108,8 @@ def pixel_loss(x_hat: torch.Tensor, x: torch.Tensor, kind: str = "mse") -> torch
 
 @dataclass
 class ReconstructionTerms:
+    """0-dim terms of `ReconstructionLoss.generator_terms`: unweighted losses and the adaptive weight."""
+
     pixel: torch.Tensor
     perceptual: torch.Tensor
     adversarial: torch.Tensor  # -mean D(x_hat); zero before the GAN starts
@@ -131,6 +137,7 @@ class ReconstructionLoss(nn.Module):
         self.discriminator = PatchDiscriminator(**(discriminator or {})) if gan_weight > 0 else None
 
     def gan_active(self, step: int) -> bool:
+        """Whether the GAN terms count at `step` (from `gan_start` on, with a discriminator)."""
         return self.discriminator is not None and step >= self.gan_start
 
     def generator_terms(self, x_hat: torch.Tensor, x: torch.Tensor, *, step: int,
@@ -178,4 +185,5 @@ class NLayerDiscriminator(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, in_channels, H, W), images in [-1, 1] -> patch logits (B, 1, ~H/8, ~W/8) for 3 layers."""
         return self.main(x)

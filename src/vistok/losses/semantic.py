@@ -22,6 +22,8 @@ def mse_minus_cosine(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tens
 
 @dataclass
 class SemanticLossOutput:
+    """0-dim tensors of `semantic_loss`: the weighted total and its two unweighted parts."""
+
     total: torch.Tensor
     features: torch.Tensor  # unweighted (MSE - cos) on the deep features
     pooled: torch.Tensor  # unweighted (MSE - cos) on the pooled embedding
@@ -30,6 +32,12 @@ class SemanticLossOutput:
 def semantic_loss(features: torch.Tensor, teacher_features: torch.Tensor, pooled: torch.Tensor,
                   teacher_pooled: torch.Tensor, *, feature_weight: float = 5.0,
                   pooled_weight: float = 1.0) -> SemanticLossOutput:
+    """feature_weight x (MSE - cos)(features, teacher_features) + pooled_weight x (MSE - cos)(pooled,
+    teacher_pooled), in fp32, with no gradient into the teacher's tensors (DualToken's `train.py`).
+
+    features, teacher_features: (B, N, width); pooled, teacher_pooled: (B, E); the cosine is over the
+    last dimension. Shapes must match pairwise (torch raises otherwise).
+    """
     feat = mse_minus_cosine(features, teacher_features.detach())
     pool = mse_minus_cosine(pooled, teacher_pooled.detach())
     return SemanticLossOutput(feature_weight * feat + pooled_weight * pool, feat, pool)

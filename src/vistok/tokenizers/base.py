@@ -17,35 +17,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Optional, Sequence
 
 import torch
-from safetensors.torch import load_file, save_model
+from safetensors.torch import save_model
 from torch import nn
 
-from .. import __version__
+from .._version import __version__
 from ..fileio import atomic_path, remove_stale_temps
 from ..images import ImageLike, PreprocessConfig, list_image_files, load_image, pil_to_pixels, preprocess_image
+# re-exported: these lived here before the weights helpers moved down to vistok.weights
+from ..weights import (CONFIG_NAME, WEIGHTS_NAME, CheckpointMismatchError, check_model_args,  # noqa: F401
+                       load_state_dict_strict, read_release, read_release_config, register_tokenizer, tokenizer_class)
 
 if TYPE_CHECKING:
     from .kl import DiagonalGaussian
     from .layout import TokenLayout
-
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-
-_TOKENIZER_CLASSES: dict[str, type["VisualTokenizer"]] = {}
-
-
-def register_tokenizer(cls):
-    """Class decorator: make a tokenizer class constructible from a config's `_class_name`."""
-    _TOKENIZER_CLASSES[cls.__name__] = cls
-    return cls
-
-
-def tokenizer_class(name: str) -> type["VisualTokenizer"]:
-    try:
-        return _TOKENIZER_CLASSES[name]
-    except KeyError:
-        raise ValueError(f"unknown tokenizer class {name!r}; known: {sorted(_TOKENIZER_CLASSES)}") from None
-
 
 @dataclass(frozen=True)
 class CodebookSpec:
@@ -71,52 +55,6 @@ class TokenizerEncoding:
     latents: Optional[torch.Tensor] = None  # KL family: scaled latents (B, C, h, w)
 
 
-class CheckpointMismatchError(ValueError):
-    """Weights that do not fit the model: lists every missing, unexpected and mis-shaped key."""
-
-    def __init__(self, target: str, missing=(), unexpected=(), mismatched=()):
-        self.missing, self.unexpected, self.mismatched = list(missing), list(unexpected), list(mismatched)
-        parts = []
-        if self.missing:
-            parts.append(f"{len(self.missing)} missing key(s): {_clip(self.missing)}")
-        if self.unexpected:
-            parts.append(f"{len(self.unexpected)} unexpected key(s): {_clip(self.unexpected)}")
-        if self.mismatched:
-            shapes = [f"{k} (checkpoint {tuple(a)} vs model {tuple(b)})" for k, a, b in self.mismatched]
-            parts.append(f"{len(shapes)} shape mismatch(es): {_clip(shapes)}")
-        super().__init__(f"weights do not match {target}: " + "; ".join(parts))
-
-
-def _clip(items: Sequence[str], limit: int = 20) -> str:
-    shown = ", ".join(items[:limit])
-    return shown + (f", ... (+{len(items) - limit} more)" if len(items) > limit else "")
-
-
-def load_state_dict_strict(module: nn.Module, state_dict: dict[str, torch.Tensor], target: str = "") -> None:
-    """Strict load that names every problem. Keys that alias one tensor in the module (a shared
-    codebook) may appear once in `state_dict`, as safetensors' `save_model` stores them."""
-    expected = module.state_dict()
-    state_dict = dict(state_dict)
-    by_storage: dict[tuple, list[str]] = {}
-    for k, v in expected.items():
-        by_storage.setdefault((v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape)), []).append(k)
-    for names in by_storage.values():
-        present = [n for n in names if n in state_dict]
-        for n in names:
-            if present and n not in state_dict:
-                state_dict[n] = state_dict[present[0]]
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    mismatched = [
-        (k, state_dict[k].shape, expected[k].shape)
-        for k in expected
-        if k in state_dict and state_dict[k].shape != expected[k].shape
-    ]
-    if missing or unexpected or mismatched:
-        raise CheckpointMismatchError(target or type(module).__name__, missing, unexpected, mismatched)
-    module.load_state_dict(state_dict, strict=True)
-
-
 def _jsonable(value: Any) -> Any:
     if isinstance(value, PreprocessConfig):
         return value.to_dict()
@@ -140,6 +78,10 @@ class VisualTokenizer(nn.Module):
     # constructor arguments naming files read once at construction (e.g. third-party weights): a saved
     # release holds those weights itself, so its config records None for them
     load_time_args: ClassVar[tuple[str, ...]] = ()
+    #: Parts that never train, as attribute paths of submodules or parameters ("teacher", "siglip.text",
+    #: "siglip.logit_bias"): after construction their gradients are off, and `train()` keeps the modules
+    #: among them in eval mode. Paths a particular configuration lacks (no teacher, no text tower) are skipped.
+    frozen_modules: ClassVar[tuple[str, ...]] = ()
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -157,6 +99,7 @@ class VisualTokenizer(nn.Module):
                 raise TypeError(f"{cls.__name__}: {exc}; valid arguments: {valid}") from None
             bound.apply_defaults()
             init(self, *args, **kw)
+            self._freeze()  # idempotent: each __init__ of a subclass chain re-applies it to what exists by then
             # the most derived __init__ records its arguments (and a subclass without one inherits these)
             if type(self) is cls or "_config_args" not in self.__dict__:
                 args_ = {k: _jsonable(v) for k, v in bound.arguments.items() if k != "self"}
@@ -176,6 +119,8 @@ class VisualTokenizer(nn.Module):
 
     @property
     def preprocess_config(self) -> PreprocessConfig:
+        """The resolved `PreprocessConfig` (image size, crop, interpolation, mean/std): the config's
+        `preprocess` over the family's `default_preprocess`. What `preprocess` applies."""
         return PreprocessConfig.from_any(self.config.get("preprocess"), **self.default_preprocess)
 
     @property
@@ -185,14 +130,19 @@ class VisualTokenizer(nn.Module):
 
     @property
     def codebooks(self) -> dict[str, CodebookSpec]:
+        """name -> `CodebookSpec(size, depth, dim, shared)` of each discrete vocabulary, in the order
+        `enc.ids`, `embed` and `token_layout` use; `{}` for continuous families (KL, MAR)."""
         return {}
 
     @property
     def scaling_factor(self) -> Optional[float]:
+        """The latent scale: `enc.latents = scaling_factor * z` and `decode` divides by it (LDM's
+        convention); None for families without latents."""
         return None
 
     @property
     def device(self) -> torch.device:
+        """The device of the parameters: where `encode`, `decode` and `embed` move their inputs."""
         return next(self.parameters()).device
 
     @property
@@ -240,10 +190,47 @@ class VisualTokenizer(nn.Module):
             out[name] = x
         return out
 
+    # ----------------------------------------------------------------------------- frozen parts
+    def _frozen_parts(self) -> list[nn.Module | nn.Parameter]:
+        parts = []
+        for path in self.frozen_modules:
+            part: Any = self
+            for name in path.split("."):
+                part = getattr(part, name, None)
+            if part is not None:
+                parts.append(part)
+        return parts
+
+    def _freeze(self) -> None:
+        for part in self._frozen_parts():
+            part.requires_grad_(False)
+            if isinstance(part, nn.Module):
+                part.eval()
+
+    def train(self, mode: bool = True) -> "VisualTokenizer":
+        """`nn.Module.train`, except that the parts in `frozen_modules` stay in eval mode (a frozen teacher,
+        text tower or VQ never runs dropout or updates running statistics)."""
+        super().train(mode)
+        for part in self._frozen_parts():
+            if isinstance(part, nn.Module):
+                part.eval()
+        return self
+
+    def require_teacher(self) -> nn.Module:
+        """The frozen teacher tower that training distils from. Raises ValueError for a tokenizer built
+        with `with_teacher=False` (an inference release), naming the fix."""
+        teacher = getattr(self, "teacher", None)
+        if teacher is None:
+            raise ValueError(f"this {type(self).__name__} was built with with_teacher=False; training needs the "
+                             "teacher (build it from the SigLIP weights instead of an inference release)")
+        return teacher
+
     def num_parameters(self) -> int:
+        """The number of parameter elements, frozen parts (teacher, text tower) included."""
         return sum(p.numel() for p in self.parameters())
 
     def grid_for(self, height: int, width: int) -> tuple[int, int]:
+        """The token grid (h, w) of an H x W input: (H // stride, W // stride) unless the family fixes it."""
         return height // self.stride, width // self.stride
 
     # ----------------------------------------------------------------------------- input
@@ -276,8 +263,12 @@ class VisualTokenizer(nn.Module):
         return pixels
 
     def preprocess(self, images: ImageLike | Sequence[ImageLike]) -> torch.Tensor:
-        """PIL images, HxWx3 uint8 arrays, files or directories -> (B, 3, H, W) in [-1, 1],
-        using the preprocessing stored in this tokenizer's config."""
+        """PIL images, HxWx3 uint8 arrays, image files or directories (searched recursively, sorted) ->
+        (B, 3, H, W) float32 in [-1, 1], resized and cropped as this tokenizer's `preprocess_config` says.
+
+        Raises ValueError for a pixel tensor (those go straight to `encode`), no images, an unreadable or
+        too-small image, or images of different sizes after preprocessing (crop "none");
+        FileNotFoundError for a missing path."""
         if isinstance(images, torch.Tensor):
             raise ValueError("preprocess takes PIL images, arrays or paths; a pixel tensor in [-1, 1] goes "
                              "straight to tok.encode")
@@ -304,19 +295,76 @@ class VisualTokenizer(nn.Module):
         return self.validate_pixels(torch.stack(tensors))
 
     # ----------------------------------------------------------------------------- API
-    def encode(self, pixels: torch.Tensor, **kwargs) -> TokenizerEncoding:
+    def encode(self, pixels: torch.Tensor, **options) -> TokenizerEncoding:
+        """Pixels -> tokens.
+
+        pixels: (B, 3, H, W) float in [-1, 1] (see `preprocess`); H and W fit `check_image_size` (positive
+        multiples of `stride`; a SigLIP tower takes exactly its own size). Other float dtypes and devices are
+        moved to the model's; B = 0 gives 0-row outputs of the right shapes. `options`: the family's keyword
+        options (`encode_options`; the KL and MAR families take `sample` and `generator`).
+
+        Returns a `TokenizerEncoding` (fields a family does not define stay None): `grid` (h, w); `ids`
+        {name: int64 (B, h, w, depth)} in [0, codebooks[name].size); `quantized` {name: (B, h*w, dim)} code
+        vectors summed over depth; `features` (B, h*w, width) continuous features for understanding (MAR:
+        (B, buffer_size + h*w, width), buffer first); `pooled` (B, E) CLIP-space embedding; `latent_dist` the
+        unscaled diagonal Gaussian posterior and `latents` (B, C, h, w) = scaling_factor * (its mean, or a
+        sample). Does not switch off autograd and never updates codebooks.
+
+        Raises ValueError naming the problem for anything but such pixels (not a tensor, rank, channels,
+        integer dtype, size, NaN/Inf, values outside [-1, 1])."""
         raise NotImplementedError
 
     def decode(self, *, ids: Optional[dict] = None, latents: Optional[torch.Tensor] = None, **kwargs) -> torch.Tensor:
+        """Tokens -> images: `decode(ids=enc.ids)` for discrete families, `decode(latents=enc.latents)`
+        for continuous ones (keyword arguments only).
+
+        ids: {name: integer (B, h, w, depth)} of any integer dtype (tensor, array or list), checked against
+        each codebook's size; latents: float (B, C, h, w) scaled latents. Family options: `clamp` (default
+        True). Returns (B, 3, H, W) in [-1, 1] (unclamped with clamp=False), in the model's dtype.
+
+        Raises ValueError for the wrong kind of tokens, a missing codebook, ids out of range, bool / float /
+        complex ids, wrong shapes, and NaN/Inf latents; TypeError for positional arguments."""
         raise NotImplementedError
 
+    def reconstruct(self, pixels: torch.Tensor, **encode_options) -> torch.Tensor:
+        """decode(encode(pixels)): (B, 3, H, W) float pixels in [-1, 1] -> images of the same shape in [-1, 1],
+        in the model's dtype. Through the latents where the encoding has them (KL, MAR), else through the ids.
+        `encode_options` go to the family's `encode` (see `encode_options`, e.g. the KL family's
+        `sample=True, generator=g`). Raises what `encode` and `decode` raise for bad input."""
+        enc = self.encode(pixels, **encode_options)
+        if enc.latents is not None:
+            return self.decode(latents=enc.latents)
+        if enc.ids is None:
+            raise ValueError(f"{type(self).__name__}.encode returned neither latents nor ids: nothing to decode")
+        return self.decode(ids=enc.ids)
+
+    @property
+    def encode_options(self) -> tuple[str, ...]:
+        """The keyword options this family's `encode` takes besides the pixels (the KL and MAR families:
+        `("sample", "generator")`; none elsewhere)."""
+        params = inspect.signature(type(self).encode).parameters.values()
+        return tuple(p.name for p in params if p.kind is p.KEYWORD_ONLY)
+
     def embed(self, ids: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Discrete ids -> LLM-input embeddings per position, (B, h*w, D) float: DualToken the depth-summed
+        pixel and semantic code vectors concatenated (D = 2 * code_dim), VQGAN the unit code vectors
+        (D = codebook dim), TokLIP the token encoder's features (D = width). ids as `decode` takes them.
+
+        Raises NotImplementedError for continuous families (no ids) and ValueError for bad ids."""
         raise NotImplementedError(f"{type(self).__name__} has no discrete ids to embed")
 
     def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
+        """Texts (strings, or int64 token ids (B, context_length)) -> L2-normalised text embeddings (B, E) in
+        the CLIP space of `enc.pooled`, where the family has a text tower (DualToken, TokLIP).
+
+        Raises NotImplementedError without a text tower, and ValueError when strings need a tokenizer
+        that is not configured (`text_tokenizer`)."""
         raise NotImplementedError(f"{type(self).__name__} has no text tower")
 
     def token_layout(self, text_vocab_size: int, **kwargs) -> "TokenLayout":
+        """Place this tokenizer's codebooks in an LLM vocabulary after `text_vocab_size` text ids and the
+        special tokens (`TokenLayout.from_codebooks`; kwargs: `specials`). Raises NotImplementedError for
+        continuous families and ValueError for a negative vocabulary size."""
         from .layout import TokenLayout
 
         if not self.codebooks:
@@ -330,6 +378,9 @@ class VisualTokenizer(nn.Module):
         return [p for p in self.parameters() if p.requires_grad]
 
     def release_config(self) -> dict:
+        """What `save_pretrained` writes as config.json: class name, family, vistok version, `model_args`
+        (load-time file arguments set to None: the release holds those weights), preprocessing, codebook
+        specs and scaling factor."""
         return {
             "_class_name": type(self).__name__,
             "family": self.family,
@@ -350,8 +401,10 @@ class VisualTokenizer(nn.Module):
                                  f"({built[key]!r}); edit model_args, which is what loading uses")
 
     def save_pretrained(self, directory: str | os.PathLike, *, extra: Optional[dict] = None) -> Path:
-        """Write `config.json` + `model.safetensors`; each file is replaced atomically, weights first,
-        so an interrupted save never leaves a config pointing at partial weights."""
+        """Write a release directory: `config.json` (`release_config()` updated with `extra`) +
+        `model.safetensors`, creating the directory. Each file is replaced atomically, weights first, so an
+        interrupted save never leaves a config pointing at partial weights; `load_tokenizer` reloads it
+        exactly. Returns the directory; raises OSError (the old files unchanged) when a file cannot be written."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         config = self.release_config()
@@ -372,6 +425,9 @@ class VisualTokenizer(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **kwargs) -> "VisualTokenizer":
+        """`load_tokenizer(path, **kwargs)` (a release directory or `hf-hub:org/name`, loaded strictly, in
+        eval mode) that also checks the class: ValueError when `path` holds another tokenizer class, besides
+        what `load_tokenizer` raises (FileNotFoundError, ValueError, CheckpointMismatchError)."""
         from .registry import load_tokenizer
 
         tok = load_tokenizer(path, **kwargs)
@@ -447,16 +503,6 @@ def _embed_contract(fn):
     return embed
 
 
-def _network_flags(value: Any, key: str) -> list[str]:
-    """Keys under `value` that would make a library download weights (timm / open_clip `*pretrained*`)."""
-    if isinstance(value, dict):
-        return [k for name, v in value.items() for k in _network_flags(v, f"{key}.{name}")] + \
-            [f"{key}.{name}" for name, v in value.items() if "pretrained" in str(name).lower() and v not in (None, False, "")]
-    if isinstance(value, list):
-        return [k for i, v in enumerate(value) for k in _network_flags(v, f"{key}[{i}]")]
-    return []
-
-
 def build_checked(cls: type["VisualTokenizer"], args: dict, source: str) -> "VisualTokenizer":
     """`cls(**args)` after `check_model_args`; a value the constructor still rejects (a range, a combination)
     is a ValueError naming `source` rather than whatever the layer code raised."""
@@ -464,64 +510,3 @@ def build_checked(cls: type["VisualTokenizer"], args: dict, source: str) -> "Vis
         return cls(**args)
     except (TypeError, ValueError, ArithmeticError, KeyError, IndexError, AttributeError, RuntimeError) as exc:
         raise ValueError(f"{source}: model_args do not build a {cls.__name__}: {type(exc).__name__}: {exc}") from None
-
-
-def check_model_args(cls: type["VisualTokenizer"], args: Any, source: str, *, release: bool) -> dict:
-    """Constructor arguments from JSON, checked before anything is built: keys `cls` takes, each of its
-    annotated type, no flag that would download weights, and (release=True) no load-time file argument,
-    since a release holds its weights. Raises ValueError naming `source` and the key."""
-    from ..schema import check_kwargs
-
-    try:
-        args = check_kwargs(cls.__init__, args, "model_args", what=cls.__name__)
-    except ValueError as exc:
-        raise ValueError(f"{source}: {exc}") from None
-    flags = _network_flags(args, "model_args")
-    if flags:
-        raise ValueError(f"{source}: {', '.join(flags)} would download pretrained weights; vistok never reaches the "
-                         "network when building a model (a release holds its weights): set them to false")
-    if release:
-        files = [f"model_args.{k}" for k in cls.load_time_args if args.get(k) is not None]
-        if files:
-            raise ValueError(f"{source}: {', '.join(files)} names a file read at construction, but a release holds its "
-                             "own weights: set it to null")
-    return args
-
-
-def read_release_config(directory: Path) -> dict:
-    """A release directory's config.json, checked: a JSON object with a known `_class_name` and `model_args`
-    that fit that class (see `check_model_args`). Raises FileNotFoundError / ValueError naming the file."""
-    cfg_path = directory / CONFIG_NAME
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"{directory} is not a vistok release directory: missing {CONFIG_NAME}")
-    try:
-        config = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{cfg_path} is not valid JSON: {exc}") from exc
-    if not isinstance(config, dict):
-        raise ValueError(f"{cfg_path} must hold a JSON object with '_class_name' and 'model_args', got "
-                         f"{type(config).__name__} {str(config)[:60]!r}: not a vistok config")
-    if "_class_name" not in config or "model_args" not in config:
-        raise ValueError(f"{cfg_path} lacks '_class_name' / 'model_args': not a vistok config")
-    if not isinstance(config["_class_name"], str):
-        raise ValueError(f"{cfg_path}: _class_name must be a string naming the tokenizer class, got "
-                         f"{config['_class_name']!r}")
-    try:
-        cls = tokenizer_class(config["_class_name"])
-    except ValueError as exc:
-        raise ValueError(f"{cfg_path}: _class_name: {exc}") from None
-    config["model_args"] = check_model_args(cls, config["model_args"], str(cfg_path), release=True)
-    return config
-
-
-def read_release(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Read a release directory's config (checked, see `read_release_config`) and weights (no model built)."""
-    config = read_release_config(directory)
-    weights_path = directory / WEIGHTS_NAME
-    if not weights_path.is_file():
-        raise FileNotFoundError(f"{directory} is not a vistok release directory: missing {weights_path.name}")
-    try:
-        weights = load_file(str(weights_path))
-    except Exception as exc:  # safetensors raises its own error types for truncated files
-        raise ValueError(f"cannot read {weights_path}: {exc}") from exc
-    return config, weights

@@ -20,6 +20,9 @@ def _norm(channels: int, groups: int) -> nn.GroupNorm:
 
 
 class ResnetBlock(nn.Module):
+    """LDM / taming ResnetBlock: GroupNorm-SiLU-conv twice with dropout, plus a 1x1 shortcut when the
+    channel count changes; (B, in_channels, h, w) -> (B, out_channels, h, w)."""
+
     def __init__(self, in_channels: int, out_channels: int, *, groups: int, dropout: float = 0.0,
                  first_kernel: int = 3):
         super().__init__()
@@ -33,6 +36,7 @@ class ResnetBlock(nn.Module):
             self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, in_channels, h, w) -> (B, out_channels, h, w)."""
         h = self.conv1(F.silu(self.norm1(x)))
         h = self.conv2(self.dropout(F.silu(self.norm2(h))))
         return (self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x) + h
@@ -50,6 +54,7 @@ class AttnBlock(nn.Module):
         self.proj_out = nn.Conv2d(channels, channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, C, h, w) -> x + attention over the h*w positions, the same shape."""
         b, c, h, w = x.shape
         y = self.norm(x)
         # contiguous (B, 1, HW, C) so SDPA takes its fused CPU kernel, not the generic fallback
@@ -60,20 +65,26 @@ class AttnBlock(nn.Module):
 
 
 class Downsample(nn.Module):
+    """Stride-2 3x3 conv after LDM's asymmetric (0, 1, 0, 1) padding: (B, C, h, w) -> (B, C, h/2, w/2)."""
+
     def __init__(self, channels: int):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, C, h, w) -> (B, C, h/2, w/2)."""
         return self.conv(F.pad(x, (0, 1, 0, 1)))  # LDM's asymmetric padding
 
 
 class Upsample(nn.Module):
+    """Nearest-neighbour x2 upsampling then a 3x3 conv: (B, C, h, w) -> (B, C, 2h, 2w)."""
+
     def __init__(self, channels: int):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, C, h, w) -> (B, C, 2h, 2w)."""
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
@@ -117,6 +128,9 @@ class _Mid(nn.Module):
 
 
 class Encoder(nn.Module):
+    """LDM's conv encoder (`down.{i}.block.{j}`, `down.{i}.attn.{j}`, `mid`): (B, in_channels, H, W) ->
+    (B, out_channels, H/2^(L-1), W/2^(L-1)); attention at the levels in `attn_levels` (0 = full resolution)."""
+
     def __init__(self, *, in_channels: int, ch: int, ch_mult: Sequence[int], num_res_blocks: int,
                  attn_levels: Sequence[int], out_channels: int, groups: int, dropout: float, mid_attention: bool):
         super().__init__()
@@ -136,6 +150,7 @@ class Encoder(nn.Module):
         self.conv_out = nn.Conv2d(c_in, out_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, in_channels, H, W) -> (B, out_channels, H/2^(L-1), W/2^(L-1))."""
         h = self.conv_in(x)
         for level in self.down:
             h = level(h)
@@ -144,6 +159,9 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
+    """LDM's conv decoder (`up.{i}` with `up.0` at full resolution, run from the last): (B, z_channels, h, w)
+    -> (B, out_channels, h*2^(L-1), w*2^(L-1)), unclamped."""
+
     def __init__(self, *, z_channels: int, ch: int, ch_mult: Sequence[int], num_res_blocks: int,
                  attn_levels: Sequence[int], out_channels: int, groups: int, dropout: float, mid_attention: bool):
         super().__init__()
@@ -163,6 +181,7 @@ class Decoder(nn.Module):
         self.conv_out = nn.Conv2d(c_in, out_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """z (B, z_channels, h, w) -> unclamped (B, out_channels, h*2^(L-1), w*2^(L-1))."""
         h = self.mid(self.conv_in(z))
         for level in reversed(self.up):
             h = level(h)

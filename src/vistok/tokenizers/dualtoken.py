@@ -15,7 +15,6 @@ layer through one codebook ("semantic" ids feed the decoder too).
 from __future__ import annotations
 
 import contextlib
-import os
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -23,11 +22,11 @@ import torch
 import torch.nn.functional as F
 
 from ..images import PreprocessConfig
-from .base import CodebookSpec, TokenizerEncoding, VisualTokenizer, load_state_dict_strict, register_tokenizer
+from .base import CodebookSpec, TokenizerEncoding, VisualTokenizer, register_tokenizer
 from .decoders import Decoder, ResnetBlock, attn_levels_for
 from .projection import make_projection
 from .quantizers import QuantizerOutput, ResidualQuantizer
-from .siglip import SiglipTower, embed_patches, pool, run_blocks
+from .siglip import SiglipTower, embed_patches, load_siglip_weights, pool, run_blocks  # noqa: F401 (re-exported)
 
 VARIANTS = ("dual", "naive")
 DEFAULT_DECODER = {"ch": 128, "ch_mult": [1, 1, 4, 4, 8], "num_res_blocks": 2, "attn_resolutions": [24],
@@ -70,6 +69,8 @@ class DualTokenTokenizer(VisualTokenizer):
     family = "dualtoken"
     default_preprocess = {"image_size": 384, "crop": "center", "interpolation": "bicubic"}
     load_time_args = ("siglip_weights",)
+    # the official recipe trains the vision side only: text tower and logit scalars stay frozen
+    frozen_modules = ("teacher", "siglip.text", "siglip.logit_scale", "siglip.logit_bias")
 
     def __init__(
         self,
@@ -149,7 +150,6 @@ class DualTokenTokenizer(VisualTokenizer):
             raise ValueError(f"decoder output {resolution} px (latent {self.decoder_latent_size} x "
                              f"{2 ** (len(dec['ch_mult']) - 1)}) differs from the tower's {self.siglip.image_size[0]} px")
 
-        self._freeze_text()
         if siglip_weights:
             load_siglip_weights(self.siglip, siglip_weights)
         if with_teacher:
@@ -157,29 +157,17 @@ class DualTokenTokenizer(VisualTokenizer):
         self.siglip.grad_checkpointing = grad_checkpointing
 
     # ------------------------------------------------------------------ config / structure
-    def _freeze_text(self) -> None:
-        """The official recipe trains the vision side only: text tower and logit scalars stay frozen."""
-        for name in ("text", "logit_scale", "logit_bias"):
-            part = getattr(self.siglip, name, None)
-            if part is not None:
-                part.requires_grad_(False)
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if hasattr(self, "teacher"):
-            self.teacher.eval()
-        if hasattr(self.siglip, "text"):
-            self.siglip.text.eval()
-        return self
-
     @property
     def stride(self) -> int:
+        """Pixels per token along each side: the tower's patch size (14 for SO400M/14)."""
         return int(self.siglip.trunk.patch_embed.patch_size[0])
 
     def grid_for(self, height: int, width: int) -> tuple[int, int]:
+        """The tower's fixed token grid (it takes one image size only; see `check_image_size`)."""
         return self.siglip.grid
 
     def check_image_size(self, h: int, w: int) -> None:
+        """Raise ValueError unless h x w is the SigLIP tower's own input size."""
         if (h, w) != self.siglip.image_size:
             size = self.siglip.image_size
             raise ValueError(f"image size {h}x{w} does not fit the SigLIP tower: it takes {size[0]}x{size[1]} "
@@ -187,6 +175,8 @@ class DualTokenTokenizer(VisualTokenizer):
 
     @property
     def codebooks(self) -> dict[str, CodebookSpec]:
+        """{"pixel", "semantic"} (`naive`: {"semantic"}): each a residual codebook of `codebook_size`
+        codes of `code_dim` channels, `depth` levels per position (shared across levels by default)."""
         books = {}
         for name in self.codebook_names:
             q = self._quantizer(name)
@@ -195,6 +185,7 @@ class DualTokenTokenizer(VisualTokenizer):
 
     @property
     def codebook_names(self) -> tuple[str, ...]:
+        """The codebooks this variant has, in `enc.ids` order: ("pixel", "semantic"), or ("semantic",) for `naive`."""
         return ("pixel", "semantic") if self.variant == "dual" else ("semantic",)
 
     @property
@@ -252,13 +243,11 @@ class DualTokenTokenizer(VisualTokenizer):
     @torch.no_grad()
     def teacher_targets(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The frozen initial tower's deep-layer tokens and pooled embedding."""
-        if not hasattr(self, "teacher"):
-            raise ValueError("this tokenizer was built with with_teacher=False; training needs the teacher "
-                             "(build it from the SigLIP weights instead of an inference release)")
-        h = embed_patches(self.teacher, self._tower_input(pixels))
-        deep = run_blocks(self.teacher, h, 0, self.semantic_layer)
-        final = run_blocks(self.teacher, deep, self.semantic_layer, len(self.teacher.trunk.blocks))
-        return deep, pool(self.teacher, final)
+        teacher = self.require_teacher()
+        h = embed_patches(teacher, self._tower_input(pixels))
+        deep = run_blocks(teacher, h, 0, self.semantic_layer)
+        final = run_blocks(teacher, deep, self.semantic_layer, len(teacher.trunk.blocks))
+        return deep, pool(teacher, final)
 
     # ------------------------------------------------------------------ training forward
     def forward(self, pixels: torch.Tensor, *, with_teacher: bool = True) -> DualTokenForward:
@@ -292,9 +281,10 @@ class DualTokenTokenizer(VisualTokenizer):
                 q.train(mode)
 
     def encode(self, pixels: torch.Tensor) -> TokenizerEncoding:
-        """ids {"pixel", "semantic"} (B, h, w, depth); quantized (B, h*w, code_dim) per codebook;
-        features: the quantized deep features that replace layer 26 (B, h*w, width), what an MLLM
-        reads for understanding; pooled: the CLIP-space embedding (B, E)."""
+        """(B, 3, S, S) float in [-1, 1] at the tower's size S -> ids {"pixel", "semantic"} int64
+        (B, h, w, depth); quantized (B, h*w, code_dim) per codebook; features: the quantized deep features that
+        replace layer 26 (B, h*w, width), what an MLLM reads for understanding; pooled: the CLIP-space
+        embedding (B, E). Codebooks are never updated here (DualToken, arXiv 2503.14324; songweii/DualToken)."""
         pixels = self.validate_pixels(pixels)
         with self._frozen_codebooks():
             out, features, pooled = self._branches(pixels)
@@ -306,6 +296,8 @@ class DualTokenTokenizer(VisualTokenizer):
         )
 
     def check_ids(self, ids: dict, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        """ids {name: (B, h, w, k)} for each of `names`, 1 <= k <= that codebook's depth, on the grid ->
+        the same tensors on the model's device. Raises ValueError naming a missing codebook or a wrong shape."""
         if not isinstance(ids, dict):
             raise ValueError(f"ids must be a dict name -> (B, h, w, depth) tensor, got {type(ids).__name__}")
         h, w = self.siglip.grid
@@ -321,7 +313,9 @@ class DualTokenTokenizer(VisualTokenizer):
         return out
 
     def decode(self, *, ids: Optional[dict] = None, latents=None, clamp: bool = True) -> torch.Tensor:
-        """Pixel ids (B, h, w, k <= depth; fewer depths = coarser image) -> images in [-1, 1]."""
+        """Pixel ids {"pixel": (B, h, w, k)}, k <= depth (fewer levels = coarser image; `naive`: "semantic")
+        -> images (B, 3, S, S) in [-1, 1] (unclamped with clamp=False). Raises ValueError for latents, a
+        missing codebook, a wrong shape or ids out of range."""
         if latents is not None or ids is None:
             raise ValueError("DualToken decodes discrete ids: call decode(ids=enc.ids)")
         name = self.decode_codebook
@@ -338,7 +332,8 @@ class DualTokenTokenizer(VisualTokenizer):
         return torch.cat(parts, dim=-1)
 
     def encode_text(self, texts, *, normalize: bool = True) -> torch.Tensor:
-        """SigLIP text embeddings (B, E), L2-normalised; strings need `text_tokenizer`, token ids work always."""
+        """SigLIP text embeddings (B, E), L2-normalised (normalize=True); strings need `text_tokenizer`,
+        int64 token ids (B, context_length) always work. NotImplementedError without the text tower."""
         return self.siglip.encode_text(texts, normalize=normalize)
 
     def zero_shot_logits(self, pooled: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
@@ -347,24 +342,3 @@ class DualTokenTokenizer(VisualTokenizer):
             raise NotImplementedError("this tokenizer was built without the text tower (with_text=False)")
         image = F.normalize(pooled, dim=-1)
         return self.siglip.logit_scale.exp() * image @ text_features.T + self.siglip.logit_bias
-
-
-def load_siglip_weights(tower: SiglipTower, path: str) -> None:
-    """SigLIP weights into the tower, strictly: an open_clip weights file (safetensors or torch pickle,
-    `state_dict` / `module.` unwrapped), or an HF transformers SigLIP / SigLIP2 folder (config.json +
-    model.safetensors), whose geometry must be the one the tower was built with (build with
-    `siglip_hf.siglip_init_args(folder)`, as `vistok convert siglip` does). Without a text tower the
-    text keys are skipped."""
-    from ..convert.checkpoint_io import read_checkpoint, strip_prefixes, unwrap_state_dict
-    from .siglip_hf import is_hf_siglip_folder, load_hf_siglip_folder_into
-
-    if is_hf_siglip_folder(path):
-        load_hf_siglip_folder_into(tower, path)
-        return
-    if os.path.isdir(path):
-        raise ValueError(f"{path} is a directory but not an HF SigLIP folder (config.json with model_type siglip "
-                         "or siglip2): give an open_clip weights file or an HF SigLIP / SigLIP2 folder")
-    state = strip_prefixes(unwrap_state_dict(read_checkpoint(path)), ["module."])
-    if not hasattr(tower, "text"):
-        state = {k: v for k, v in state.items() if not k.startswith(("text.", "logit_scale", "logit_bias"))}
-    load_state_dict_strict(tower, state, target=f"SigLIP tower from {path}")

@@ -30,22 +30,27 @@ class DiagonalGaussian:
 
     @classmethod
     def from_moments(cls, moments: torch.Tensor) -> "DiagonalGaussian":
+        """(B, 2C, h, w) encoder moments -> mean and log-variance (clamped to [-30, 20]), split on dim 1."""
         mean, logvar = moments.chunk(2, dim=1)
         return cls(mean, logvar.clamp(-30.0, 20.0))
 
     @property
     def std(self) -> torch.Tensor:
+        """exp(logvar / 2), the same shape as `mean`."""
         return torch.exp(0.5 * self.logvar)
 
     @property
     def var(self) -> torch.Tensor:
+        """exp(logvar), the same shape as `mean`."""
         return torch.exp(self.logvar)
 
     def sample(self, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """mean + std * N(0, I) noise drawn with `generator` (on its device, then moved): unscaled latents."""
         noise = randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
         return self.mean + self.std * noise
 
     def mode(self) -> torch.Tensor:
+        """The mean: the deterministic latent (unscaled)."""
         return self.mean
 
     def kl(self) -> torch.Tensor:
@@ -53,11 +58,14 @@ class DiagonalGaussian:
         return 0.5 * torch.sum(self.mean.pow(2) + self.var - 1.0 - self.logvar, dim=(1, 2, 3))
 
     def nll(self, sample: torch.Tensor) -> torch.Tensor:
+        """Gaussian negative log-likelihood of `sample` (B, C, h, w), summed over (C, h, w): one value per sample."""
         return 0.5 * torch.sum(math.log(2 * math.pi) + self.logvar + (sample - self.mean).pow(2) / self.var, dim=(1, 2, 3))
 
 
 @dataclass
 class KLForwardOutput:
+    """What the training forward gives the KL loss: the unclamped reconstruction and the posterior."""
+
     reconstruction: torch.Tensor  # unclamped decoder output
     posterior: DiagonalGaussian
 
@@ -126,10 +134,12 @@ class KLTokenizer(VisualTokenizer):
 
     @property
     def stride(self) -> int:
+        """Pixels per latent position: 2^(len(ch_mult) - 1) (16 for MAR KL-16)."""
         return self._stride
 
     @property
     def scaling_factor(self) -> float:
+        """The latent scale (MAR KL-16: 0.2325): `latents = scaling_factor * z`."""
         return self._scaling_factor
 
     # ---------------------------------------------------------------- raw (unscaled) paths
@@ -138,6 +148,7 @@ class KLTokenizer(VisualTokenizer):
         return x.contiguous(memory_format=torch.channels_last) if use else x
 
     def encode_posterior(self, pixels: torch.Tensor) -> DiagonalGaussian:
+        """(B, 3, H, W) in [-1, 1] -> the unscaled posterior over (B, embed_dim, H/stride, W/stride), no checks."""
         moments = self.quant_conv(self.encoder(self._layout(pixels))).contiguous()
         return DiagonalGaussian.from_moments(moments)
 
@@ -147,6 +158,8 @@ class KLTokenizer(VisualTokenizer):
 
     def forward(self, pixels: torch.Tensor, *, sample_posterior: bool = True,
                 generator: Optional[torch.Generator] = None) -> KLForwardOutput:
+        """Training forward: the posterior of pixels (B, 3, H, W) in [-1, 1], and the unclamped decoder output
+        of a sample (sample_posterior=True, drawn with `generator`) or of its mean."""
         posterior = self.encode_posterior(pixels)
         z = posterior.sample(generator) if sample_posterior else posterior.mode()
         return KLForwardOutput(self.decode_unscaled(z), posterior)
@@ -154,8 +167,10 @@ class KLTokenizer(VisualTokenizer):
     # ---------------------------------------------------------------- public API
     def encode(self, pixels: torch.Tensor, *, sample: Optional[bool] = None,
                generator: Optional[torch.Generator] = None) -> TokenizerEncoding:
-        """`latent_dist` is the unscaled posterior; `latents` = scaling_factor x (sample or mean).
-        `sample` defaults to the config's `sample_latents` (False: the mean, deterministic)."""
+        """(B, 3, H, W) float in [-1, 1], H and W multiples of the stride -> `latent_dist` (the unscaled
+        posterior) and `latents` (B, embed_dim, H/stride, W/stride) = scaling_factor * (sample or mean).
+        `sample` defaults to the config's `sample_latents` (False: the mean, deterministic); `generator` makes
+        samples reproducible. LDM AutoencoderKL as MAR's KL-16 (LTH14/mar)."""
         self.validate_pixels(pixels)
         posterior = self.encode_posterior(pixels.to(self.decoder.conv_out.weight.dtype))
         use_sample = self.sample_latents if sample is None else sample
@@ -173,6 +188,7 @@ class KLTokenizer(VisualTokenizer):
         return images.clamp(-1, 1) if clamp else images
 
     def validate_latents(self, latents) -> torch.Tensor:
+        """Latents must be a float (B, embed_dim, h, w) tensor; ValueError naming the expected shape or dtype."""
         if latents is None:
             raise ValueError("decode needs latents=(B, C, h, w)")
         if not isinstance(latents, torch.Tensor) or latents.ndim != 4 or latents.shape[1] != self.embed_dim:

@@ -16,6 +16,9 @@ DEFAULT_SPECIALS = ("<image>", "</image>")
 
 @dataclass
 class TokenLayout:
+    """Where a tokenizer's ids sit in an LLM vocabulary: text ids first, then one id per special token,
+    then one block of ids per codebook and depth (one per codebook when its depths share it)."""
+
     text_vocab_size: int
     specials: dict[str, int]
     offsets: dict[tuple[str, int], int]  # (codebook, depth) -> first LLM id of that block
@@ -25,6 +28,8 @@ class TokenLayout:
 
     @classmethod
     def from_codebooks(cls, codebooks: dict, text_vocab_size: int, specials=DEFAULT_SPECIALS) -> "TokenLayout":
+        """The layout of `codebooks` ({name: CodebookSpec}) after `text_vocab_size` text ids and `specials`.
+        Raises ValueError for a negative vocabulary size."""
         if text_vocab_size < 0:
             raise ValueError(f"text_vocab_size must be >= 0, got {text_vocab_size}")
         nxt = text_vocab_size
@@ -49,6 +54,7 @@ class TokenLayout:
 
     @property
     def tokens_per_position(self) -> int:
+        """LLM tokens per grid position: the sum of the codebooks' depths."""
         return sum(self.depths[n] for n in self.order)
 
     def to_llm_ids(self, ids: dict[str, torch.Tensor]) -> torch.Tensor:

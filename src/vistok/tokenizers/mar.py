@@ -225,18 +225,22 @@ class MARTokenizer(VisualTokenizer):
 
     @property
     def stride(self) -> int:
+        """Pixels per token: the VAE's stride times patch_size."""
         return self._stride
 
     @property
     def scaling_factor(self) -> float:
+        """The KL-16 VAE's latent scale."""
         return self.vae.scaling_factor
 
     @property
     def buffer_size(self) -> int:
+        """The number of buffer slots in front of the image tokens in `features`."""
         return self.mar.buffer_size
 
     @property
     def width(self) -> int:
+        """The encoder's width D (the last dimension of `features`)."""
         return self.mar.z_proj.out_features
 
     # ---------------------------------------------------------------- checks
@@ -329,6 +333,11 @@ class MARTokenizer(VisualTokenizer):
                clamp: bool = True) -> torch.Tensor:
         """Scaled latents (B, C, h, w) -> images (B, 3, H, W) in [-1, 1], through the KL-16 decoder."""
         return self.vae.decode(ids=ids, latents=latents, clamp=clamp)
+
+    def reconstruct(self, pixels: torch.Tensor, **encode_options) -> torch.Tensor:
+        """The KL-16 VAE's round trip (the transformer plays no part in it): (B, 3, H, W) in [-1, 1] -> the
+        same shape in [-1, 1]; `encode_options` as `encode` (`sample`, `generator`)."""
+        return self.vae.reconstruct(pixels, **encode_options)
 
     @torch.no_grad()
     def sample(self, class_labels: Optional[Sequence[int] | torch.Tensor] = None, *, num_images: Optional[int] = None,

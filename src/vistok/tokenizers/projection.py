@@ -28,11 +28,15 @@ class GeGluMlp(nn.Module):
         self.out = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., dim) -> (..., dim)."""
         x = self.norm(x)
         return self.out(F.gelu(self.gate(x), approximate="tanh") * self.value(x))
 
 
 class ProjectionAttention(nn.Module):
+    """The official projection's attention: heads = wide / narrow of width narrow, q and v biases (no k
+    bias); reducing heads are averaged, expanding heads concatenated. (B, N, in_dim) -> (B, N, out_dim)."""
+
     def __init__(self, in_dim: int, out_dim: int, *, causal: bool = False):
         super().__init__()
         wide, narrow = max(in_dim, out_dim), min(in_dim, out_dim)
@@ -46,6 +50,7 @@ class ProjectionAttention(nn.Module):
         self.proj = nn.Linear(out_dim, out_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, N, in_dim) -> (B, N, out_dim); raster-causal when `causal`."""
         b, n, _ = x.shape
         bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
         q, k, v = F.linear(x, self.qkv.weight, bias).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
@@ -67,11 +72,14 @@ class AttentionProjection(nn.Module):
         self.mlp = GeGluMlp(out_dim, int(out_dim * mlp_ratio))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, N, in_dim) -> (B, N, out_dim)."""
         y = self.linear(self.linear_norm(x)) + self.attn(self.attn_norm(x))
         return y + self.mlp(self.mlp_norm(y))
 
 
 def make_projection(kind: str, *, in_dim: int, out_dim: int, causal: bool = False) -> nn.Module:
+    """A DualToken projection: "attention" (the official code's `AttentionProjection`) or "linear";
+    (B, N, in_dim) -> (B, N, out_dim). Raises ValueError for another kind."""
     if kind == "attention":
         return AttentionProjection(in_dim=in_dim, out_dim=out_dim, causal=causal)
     if kind == "linear":

@@ -41,6 +41,8 @@ EMA_SCHEDULES = ("per_step", "per_depth")
 
 @dataclass
 class QuantizerOutput:
+    """What `ResidualQuantizer.forward` returns."""
+
     quantized: torch.Tensor  # (..., dim) sum over depth, straight-through (or rotation-trick) gradients
     ids: torch.Tensor  # (..., depth) int64
     commitment_loss: torch.Tensor  # scalar, already multiplied by commitment_weight
@@ -49,6 +51,8 @@ class QuantizerOutput:
 
 @dataclass
 class QuantizerStats:
+    """Codebook health since training began (`ResidualQuantizer.stats`)."""
+
     usage: list[float]  # per depth: fraction of the codebook hit within the last `usage_window` steps
     perplexity: list[float]  # per depth: exp(entropy) of the last training batch's code histogram
     dead_codes: list[int]  # per codebook: codes the rule found dead in the last step, before replacement
@@ -180,6 +184,7 @@ class ResidualQuantizer(nn.Module):
         return super()._apply(device_only, recurse)
 
     def book_of(self, d: int) -> int:
+        """The codebook index that depth d reads (0 for every depth when shared)."""
         return 0 if self.shared_codebook else d
 
     # ------------------------------------------------------------------ forward
@@ -265,6 +270,7 @@ class ResidualQuantizer(nn.Module):
             self.embed[b].copy_(self.embed_avg[b] / smoothed[:, None])
 
     def dead_mask(self, book: int) -> torch.Tensor:
+        """(codebook_size,) bool: the codes of codebook `book` the restart rule counts as dead now."""
         if self.restart == "ema":
             return self.cluster_size[book] < self.restart_threshold
         if self.restart == "unused":  # not hit in this step, and this step completes N unused steps
@@ -372,6 +378,7 @@ class ResidualQuantizer(nn.Module):
     # ------------------------------------------------------------------ statistics
     @torch.no_grad()
     def stats(self) -> QuantizerStats:
+        """Usage, perplexity, dead codes and restart counts per depth / codebook (no side effects)."""
         step = int(self.step)
         usage = ((step - self.last_used) < self.usage_window).float().mean(1).tolist()
         probs = self.last_counts / self.last_counts.sum(1, keepdim=True).clamp_min(1)

@@ -11,8 +11,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Optional
 
-from .base import (VisualTokenizer, build_checked, check_model_args, load_state_dict_strict, read_release,
-                   tokenizer_class)
+from ..weights import check_model_args, load_state_dict_strict, read_release, tokenizer_class
+from .base import VisualTokenizer, build_checked
 
 HF_HUB_PREFIX = "hf-hub:"
 
@@ -34,6 +34,7 @@ def list_models(pattern: Optional[str] = None) -> list[str]:
 
 
 def get_preset(name: str) -> dict:
+    """A copy of preset `name` ({name, class, description, args}); ValueError naming close matches if unknown."""
     presets = _presets()
     if name not in presets:
         close = difflib.get_close_matches(name, presets, n=3)

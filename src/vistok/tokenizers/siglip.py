@@ -22,7 +22,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .siglip_hf import tokenizer_hint
+from ..weights import load_state_dict_strict, read_checkpoint, strip_prefixes, unwrap_state_dict
+from .siglip_hf import is_hf_siglip_folder, load_hf_siglip_folder_into, tokenizer_hint
 
 TINY_TRUNK = "vit_tiny_patch8_siglip_64_vistok"
 
@@ -166,26 +167,32 @@ class SiglipTower(nn.Module):
 
     @property
     def trunk(self) -> nn.Module:
+        """The timm ViT trunk of the vision tower (`visual.trunk`)."""
         return self.visual.trunk
 
     @property
     def num_layers(self) -> int:
+        """The number of transformer blocks in the vision trunk."""
         return len(self.trunk.blocks)
 
     @property
     def width(self) -> int:
+        """The trunk's token width."""
         return self.trunk.embed_dim
 
     @property
     def grid(self) -> tuple[int, int]:
+        """The token grid (h, w) at the tower's input size."""
         return tuple(self.trunk.patch_embed.grid_size)
 
     @property
     def image_size(self) -> tuple[int, int]:
+        """The one input size (H, W) the tower takes."""
         return tuple(self.trunk.patch_embed.img_size)
 
     # ------------------------------------------------------------------ vision, block by block
     def embed_patches(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels (B, 3, H, W), normalised for the tower -> the input of layer 1 (B, h*w, width)."""
         return embed_patches(self.visual, pixels)
 
     def run_blocks(self, x: torch.Tensor, start: int, stop: int, *, is_causal: bool = False) -> torch.Tensor:
@@ -194,6 +201,7 @@ class SiglipTower(nn.Module):
                           checkpointing=self.grad_checkpointing and self.training)
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
+        """Layer outputs (B, N, width) -> final norm + attention-pool head: the CLIP image embedding (B, E)."""
         return pool(self.visual, x)
 
     def teacher(self) -> nn.Module:
@@ -203,11 +211,15 @@ class SiglipTower(nn.Module):
 
     # ------------------------------------------------------------------ text
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        """Strings -> int64 token ids (B, context_length) with the configured text tokenizer (built on first use)."""
         if self._tokenizer is None:
             self._tokenizer = build_text_tokenizer(self.text_tokenizer, self.context_length, hint=self.tokenizer_hint)
         return self._tokenizer(list(texts))
 
     def encode_text(self, texts: Sequence[str] | torch.Tensor, *, normalize: bool = True) -> torch.Tensor:
+        """Texts (strings or int64 ids (B, context_length)) -> text embeddings (B, E), L2-normalised when
+        `normalize`. NotImplementedError without a text tower; ValueError when strings need a tokenizer
+        that is not configured."""
         if not hasattr(self, "text"):
             raise NotImplementedError("this tokenizer was built without the text tower (with_text=False)")
         tokens = texts if isinstance(texts, torch.Tensor) else self.tokenize(texts)
@@ -224,6 +236,7 @@ def embed_patches(visual: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
 
 def run_blocks(visual: nn.Module, x: torch.Tensor, start: int, stop: int, *, is_causal: bool = False,
                checkpointing: bool = False) -> torch.Tensor:
+    """Run blocks start+1..stop (1-based) of `visual`'s trunk on x (B, N, width), optionally causal or checkpointed."""
     for block in visual.trunk.blocks[start:stop]:
         if checkpointing:
             x = checkpoint(block, x, None, is_causal, use_reentrant=False)
@@ -265,3 +278,21 @@ def build_text_tokenizer(spec: Optional[str], context_length: int, *, hint: Opti
                      "text_tokenizer to a local directory holding them (the HF SigLIP folder's tokenizer files, or "
                      "any tokenizer saved with save_pretrained), 'hf:NAME' with a filled Hugging Face cache, or pass "
                      "token ids to encode_text")
+
+
+def load_siglip_weights(tower: SiglipTower, path: str) -> None:
+    """SigLIP weights into the tower, strictly: an open_clip weights file (safetensors or torch pickle,
+    `state_dict` / `module.` unwrapped), or an HF transformers SigLIP / SigLIP2 folder (config.json +
+    model.safetensors), whose geometry must be the one the tower was built with (build with
+    `siglip_hf.siglip_init_args(folder)`, as `vistok convert siglip` does). Without a text tower the
+    text keys are skipped."""
+    if is_hf_siglip_folder(path):
+        load_hf_siglip_folder_into(tower, path)
+        return
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a directory but not an HF SigLIP folder (config.json with model_type siglip "
+                         "or siglip2): give an open_clip weights file or an HF SigLIP / SigLIP2 folder")
+    state = strip_prefixes(unwrap_state_dict(read_checkpoint(path)), ["module."])
+    if not hasattr(tower, "text"):
+        state = {k: v for k, v in state.items() if not k.startswith(("text.", "logit_scale", "logit_bias"))}
+    load_state_dict_strict(tower, state, target=f"SigLIP tower from {path}")

@@ -38,6 +38,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ..weights import load_state_dict_strict
+from .registry import get_preset
+
 # HF hidden_act -> timm act_layer name; gelu_new is the same tanh formula as gelu_pytorch_tanh
 HF_ACTIVATIONS = {"gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
 VISION_DEFAULTS = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
@@ -366,6 +369,7 @@ def is_hf_siglip_folder(path: str | Path) -> bool:
 
 
 def read_hf_config(path: str | Path) -> dict:
+    """The parsed config.json of an HF SigLIP folder; FileNotFoundError without one, ValueError if it is not JSON."""
     config = Path(path) / "config.json"
     if not config.is_file():
         raise FileNotFoundError(f"no config.json in HF SigLIP folder {path}")
@@ -418,8 +422,6 @@ def siglip_init_args(path: str | Path, *, image_size: Optional[int] = None, pres
     SigLIP2 folder is built at `image_size`, else at the preset's preprocess image size."""
     hf = read_hf_config(path)
     if image_size is None and preset and model_type(hf) == "siglip2":
-        from .registry import get_preset
-
         image_size = get_preset(preset)["args"].get("preprocess", {}).get("image_size")
     config = clip_config_from_hf(hf, image_size=image_size)
     return {"clip_model": None, "clip_config": config, "siglip_weights": str(path)}
@@ -429,8 +431,6 @@ def load_hf_siglip_folder_into(tower, path: str | Path) -> None:
     """An HF SigLIP folder's weights into a `SiglipTower` built with its geometry, strictly; a tower of
     another geometry is refused naming the differing fields (activation and eps included, which shapes
     alone would not reveal)."""
-    from .base import load_state_dict_strict
-
     with_text = hasattr(tower, "text")
     kind = model_type(read_hf_config(path))
     size = tower.image_size[0] if kind == "siglip2" else None

@@ -19,14 +19,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..images import PreprocessConfig
-from .base import (CodebookSpec, TokenizerEncoding, VisualTokenizer, load_state_dict_strict, read_release,
-                   register_tokenizer)
-from .siglip import SiglipTower, embed_patches, pool, run_blocks
+from ..weights import load_state_dict_strict, read_release
+from .base import CodebookSpec, TokenizerEncoding, VisualTokenizer, register_tokenizer
+from .siglip import SiglipTower, embed_patches, load_siglip_weights, pool, run_blocks
 from .vqgan import VQGANTokenizer
 
 
 @dataclass
 class TokLIPForward:
+    """What one training forward gives the objective (TokLIP, arXiv 2505.05422; TencentARC/TokLIP)."""
+
     pooled: torch.Tensor  # (B, E) student image embedding (unnormalised)
     features: torch.Tensor  # (B, N, width) per-token features (final norm)
     ids: dict[str, torch.Tensor]  # {"vq": (B, h, w, 1)}
@@ -45,6 +47,10 @@ class TokLIPTokenizer(VisualTokenizer):
     family = "toklip"
     default_preprocess = {"image_size": 384, "crop": "center", "interpolation": "bicubic"}
     load_time_args = ("siglip_weights", "vq_weights")
+    # TokLIP trains the token MLP, the vision trunk and the logit scale; the VQ (which then never updates
+    # its usage window), the teacher, the text tower and the logit bias stay frozen. The patch embedding is
+    # unused (the trunk reads codes); TokLIP's files lack it, `convert toklip` fills it from initialisation.
+    frozen_modules = ("vq", "teacher", "siglip.text", "siglip.logit_bias", "siglip.trunk.patch_embed")
 
     def __init__(
         self,
@@ -75,38 +81,21 @@ class TokLIPTokenizer(VisualTokenizer):
             raise ValueError(f"the VQ gives {grid}x{grid} ids at {size} px but the trunk's position embedding has "
                              f"{tokens} positions; set preprocess.image_size to {int(tokens ** 0.5) * self.vq.stride}")
         if siglip_weights:
-            from .dualtoken import load_siglip_weights
-
             load_siglip_weights(self.siglip, siglip_weights)
         if vq_weights:
             load_state_dict_strict(self.vq, read_release(Path(vq_weights))[1], target=f"VQGAN from {vq_weights}")
         if with_teacher:
             self.teacher = self.siglip.teacher()
-        self.vq.requires_grad_(False)
-        # unused (the trunk reads codes); TokLIP's files lack it, `convert toklip` fills it from initialisation
-        self.siglip.trunk.patch_embed.requires_grad_(False)
-        for name in ("text", "logit_bias"):  # TokLIP trains the vision trunk and the logit scale
-            part = getattr(self.siglip, name, None)
-            if part is not None:
-                part.requires_grad_(False)
         self.siglip.grad_checkpointing = grad_checkpointing
-        self.train()
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.vq.eval()  # frozen: never updates its usage window
-        if hasattr(self, "teacher"):
-            self.teacher.eval()
-        if hasattr(self.siglip, "text"):
-            self.siglip.text.eval()
-        return self
 
     @property
     def stride(self) -> int:
+        """Pixels per token: the frozen VQGAN's stride (16 for LlamaGen VQ-16)."""
         return self.vq.stride
 
     @property
     def codebooks(self) -> dict[str, CodebookSpec]:
+        """The frozen VQGAN's {"vq": CodebookSpec(size, 1, dim, shared=True)}."""
         return self.vq.codebooks
 
     # ------------------------------------------------------------------ the token encoder
@@ -123,16 +112,19 @@ class TokLIPTokenizer(VisualTokenizer):
 
     @torch.no_grad()
     def teacher_pooled(self, pixels: torch.Tensor) -> torch.Tensor:
-        if not hasattr(self, "teacher"):
-            raise ValueError("this tokenizer was built with with_teacher=False; training needs the teacher "
-                             "(build it from the SigLIP weights instead of an inference release)")
-        size = tuple(self.teacher.trunk.patch_embed.img_size)
+        """The frozen SigLIP image tower's pooled embedding (B, E) of pixels (B, 3, H, W) in [-1, 1],
+        resized bilinearly to the teacher's size when it differs (as TokLIP does). ValueError without a teacher."""
+        teacher = self.require_teacher()
+        size = tuple(teacher.trunk.patch_embed.img_size)
         if tuple(pixels.shape[-2:]) != size:  # TokLIP resizes bilinearly when the resolutions differ
             pixels = F.interpolate(pixels, size=size, mode="bilinear", align_corners=False)
-        h = run_blocks(self.teacher, embed_patches(self.teacher, pixels), 0, len(self.teacher.trunk.blocks))
-        return pool(self.teacher, h)
+        h = run_blocks(teacher, embed_patches(teacher, pixels), 0, len(teacher.trunk.blocks))
+        return pool(teacher, h)
 
     def forward(self, pixels: torch.Tensor, *, with_teacher: bool = True) -> TokLIPForward:
+        """Training forward: frozen-VQ ids, the token encoder's features (B, N, width) and pooled (B, E)
+        (with gradients), and (with_teacher) the teacher's pooled embedding. Raises ValueError for bad pixels
+        or a missing teacher."""
         pixels = self.validate_pixels(pixels)
         with torch.no_grad():
             ids = self.vq.encode(pixels).ids
@@ -141,8 +133,9 @@ class TokLIPTokenizer(VisualTokenizer):
 
     # ------------------------------------------------------------------ inference API
     def encode(self, pixels: torch.Tensor) -> TokenizerEncoding:
-        """ids {"vq"} from the frozen VQ, quantized {"vq"} unit code vectors, features (B, N, width)
-        per token, pooled (B, E) CLIP-space embedding."""
+        """(B, 3, H, W) float in [-1, 1] -> ids {"vq": int64 (B, h, w, 1)} from the frozen VQ, quantized
+        {"vq": (B, h*w, dim)} unit code vectors, features (B, h*w, width) per token (causal in raster order),
+        pooled (B, E) CLIP-space embedding."""
         pixels = self.validate_pixels(pixels)
         enc = self.vq.encode(pixels)
         features, pooled = self.features_from_ids(enc.ids)
@@ -150,12 +143,21 @@ class TokLIPTokenizer(VisualTokenizer):
                                  pooled=pooled)
 
     def decode(self, *, ids: Optional[dict] = None, latents=None, clamp: bool = True) -> torch.Tensor:
-        """Pixels from ids through the frozen VQGAN (TokLIP's reconstruction is the VQ's)."""
+        """ids {"vq": (B, h, w, 1)} -> images (B, 3, H, W) in [-1, 1] through the frozen VQGAN (TokLIP's
+        reconstruction is the VQ's). Raises ValueError as `VQGANTokenizer.decode`."""
         return self.vq.decode(ids=ids, latents=latents, clamp=clamp)
 
+    def reconstruct(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The frozen VQGAN's round trip (the token encoder plays no part in it): (B, 3, H, W) in [-1, 1] ->
+        the same shape in [-1, 1]."""
+        return self.vq.reconstruct(pixels)
+
     def embed(self, ids: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Per-position semantic features for an LLM: the token encoder's output (B, N, width)."""
+        """ids {"vq": (B, h, w, 1)} -> per-position semantic features for an LLM: the token encoder's
+        output (B, h*w, width). Raises ValueError for bad ids or a grid the trunk does not take."""
         return self.features_from_ids(ids)[0]
 
     def encode_text(self, texts, *, normalize: bool = True) -> torch.Tensor:
+        """SigLIP text embeddings (B, E) in the space of `pooled`, L2-normalised (normalize=True);
+        strings need `text_tokenizer`, int64 token ids always work. NotImplementedError without the text tower."""
         return self.siglip.encode_text(texts, normalize=normalize)

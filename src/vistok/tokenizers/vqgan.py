@@ -29,6 +29,8 @@ def _mid(channels: int, groups: int, dropout: float) -> nn.ModuleList:
 
 
 class VQEncoder(nn.Module):
+    """LlamaGen's VQ encoder: (B, 3, H, W) -> (B, z_channels, H/2^(L-1), W/2^(L-1)); attention at the last level."""
+
     def __init__(self, *, ch: int, ch_mult: Sequence[int], num_res_blocks: int, z_channels: int, groups: int,
                  dropout: float):
         super().__init__()
@@ -48,6 +50,7 @@ class VQEncoder(nn.Module):
         self.conv_out = nn.Conv2d(c_in, z_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Pixels (B, 3, H, W) -> pre-quantization features (B, z_channels, h, w)."""
         h = self.conv_in(x)
         for level in self.conv_blocks:
             h = level(h)
@@ -57,6 +60,8 @@ class VQEncoder(nn.Module):
 
 
 class VQDecoder(nn.Module):
+    """LlamaGen's VQ decoder (conv_blocks.0 = lowest resolution, attention there only)."""
+
     def __init__(self, *, ch: int, ch_mult: Sequence[int], num_res_blocks: int, z_channels: int, groups: int,
                  dropout: float):
         super().__init__()
@@ -77,6 +82,7 @@ class VQDecoder(nn.Module):
         self.conv_out = nn.Conv2d(c_in, 3, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """Features (B, z_channels, h, w) -> unclamped images (B, 3, H, W)."""
         h = self.conv_in(z)
         for block in self.mid:
             h = block(h)
@@ -86,11 +92,14 @@ class VQDecoder(nn.Module):
 
     @property
     def last_layer(self) -> torch.Tensor:
+        """The output convolution's weight: the adaptive GAN weight's reference layer."""
         return self.conv_out.weight
 
 
 @dataclass
 class VQOutput:
+    """What `L2VectorQuantizer.forward` returns."""
+
     quantized: torch.Tensor  # (B, C, h, w), straight-through
     ids: torch.Tensor  # (B, h, w)
     codebook_loss: torch.Tensor  # mean((z_q - sg z)^2): trains the codebook
@@ -116,10 +125,12 @@ class L2VectorQuantizer(nn.Module):
         self.register_buffer("codebook_used", torch.zeros(usage_window))
 
     def codebook(self) -> torch.Tensor:
+        """The code vectors (codebook_size, dim), L2-normalised when `l2_norm`."""
         w = self.embedding.weight
         return F.normalize(w, dim=-1) if self.l2_norm else w
 
     def nearest(self, z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+        """Ids (N,) of the nearest code (squared L2) for each row of z (N, dim) in `codebook` (K, dim)."""
         distances = z.pow(2).sum(1, keepdim=True) + codebook.pow(2).sum(1) - 2 * z @ codebook.T
         return distances.argmin(1)
 
@@ -170,6 +181,8 @@ class L2VectorQuantizer(nn.Module):
 
 @dataclass
 class VQGANForward:
+    """What the training forward gives the VQ loss: unclamped reconstruction, ids and the quantizer's losses."""
+
     reconstruction: torch.Tensor  # unclamped
     ids: dict[str, torch.Tensor]
     codebook_loss: torch.Tensor
@@ -218,10 +231,12 @@ class VQGANTokenizer(VisualTokenizer):
 
     @property
     def stride(self) -> int:
+        """Pixels per token: 2^(len(ch_mult) - 1) (16 for VQ-16)."""
         return self._stride
 
     @property
     def codebooks(self) -> dict[str, CodebookSpec]:
+        """{"vq": CodebookSpec(codebook_size, depth 1, codebook_dim, shared=True)}."""
         q = self.quantize
         return {"vq": CodebookSpec(size=q.codebook_size, depth=1, dim=q.dim, shared=True)}
 
@@ -238,7 +253,9 @@ class VQGANTokenizer(VisualTokenizer):
                             q.commitment_loss, q.entropy_loss)
 
     def encode(self, pixels: torch.Tensor) -> TokenizerEncoding:
-        """ids {"vq": (B, h, w, 1)}; quantized {"vq": (B, h*w, codebook_dim)} (unit code vectors)."""
+        """(B, 3, H, W) float in [-1, 1], H and W multiples of the stride -> ids {"vq": int64 (B, h, w, 1)}
+        in [0, codebook_size) and quantized {"vq": (B, h*w, codebook_dim)} (unit code vectors); the usage
+        window is not updated (LlamaGen `VQModel.encode`, FoundationVision/LlamaGen)."""
         pixels = self.validate_pixels(pixels)
         was = self.quantize.training
         self.quantize.eval()  # inference never touches the usage window
@@ -262,7 +279,9 @@ class VQGANTokenizer(VisualTokenizer):
         return x[..., 0].to(self.quantize.embedding.weight.device).long()
 
     def decode(self, *, ids: Optional[dict] = None, latents=None, clamp: bool = True) -> torch.Tensor:
-        """ids {"vq": (B, h, w, 1)} -> images in [-1, 1] (LlamaGen's decode_code)."""
+        """ids {"vq": integer (B, h, w, 1)} -> images (B, 3, h*stride, w*stride) in [-1, 1] (unclamped with
+        clamp=False; LlamaGen's decode_code). Raises ValueError for latents, a missing "vq" entry, a wrong
+        shape or ids out of range."""
         if latents is not None or ids is None:
             raise ValueError("the VQGAN decodes discrete ids: call decode(ids=enc.ids)")
         codes = self.quantize.lookup(self._check_ids(ids)).permute(0, 3, 1, 2)
@@ -270,5 +289,5 @@ class VQGANTokenizer(VisualTokenizer):
         return image.clamp(-1, 1) if clamp else image
 
     def embed(self, ids: dict[str, torch.Tensor]) -> torch.Tensor:
-        """(B, h*w, codebook_dim): the unit code vectors (TokLIP's input)."""
+        """ids {"vq": (B, h, w, 1)} -> (B, h*w, codebook_dim): the unit code vectors (TokLIP's input)."""
         return self.quantize.lookup(self._check_ids(ids)).flatten(1, 2)

@@ -15,17 +15,20 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional, Sequence, TypeVar
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..weights import load_state_dict_strict
+
 STEP_DIR = re.compile(r"^step_(\d+)$")
 STATE_NAME = "trainer_state.json"
+T = TypeVar("T")
 
 
-def _state_dict_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+def _state_dict_tensors(module) -> dict[str, torch.Tensor]:
     # clone: safetensors refuses tensors that share storage (e.g. tied or aliased parameters)
     return {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
 
@@ -49,6 +52,8 @@ def read_tensors(file: Path) -> dict[str, torch.Tensor]:
 
 
 def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    """This process's random streams: (torch CPU and every CUDA device's generator states as uint8
+    tensors, {"python": ..., "numpy": ...} as JSON-ready lists)."""
     tensors = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         for i, state in enumerate(torch.cuda.get_rng_state_all()):
@@ -61,6 +66,7 @@ def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """Restore what `rng_state()` gave (the CUDA states only where CUDA is available)."""
     torch.set_rng_state(tensors["torch"])
     cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("cuda.")), key=lambda k: int(k[5:]))]
     if cuda and torch.cuda.is_available():
@@ -72,6 +78,8 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
 
 
 def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """(step, path) of RUN's complete `step_<N>/` folders (those with a trainer state), oldest first;
+    [] when `run_dir` does not exist."""
     if not run_dir.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in run_dir.iterdir() if p.is_dir() and (m := STEP_DIR.match(p.name))
@@ -80,8 +88,24 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
 
 
 def latest_checkpoint(run_dir: Path) -> Optional[Path]:
+    """The newest complete checkpoint folder of `run_dir`, or None (readability not checked)."""
     found = list_checkpoints(run_dir)
     return found[-1][1] if found else None
+
+
+def newest_readable(candidates: Sequence[Path], read: Callable[[Path], T], *, log: Callable[[str], None],
+                    context: str) -> tuple[Path, T]:
+    """(path, read(path)) for the first of `candidates` (newest first) that `read` can read: one that raises
+    UnreadableCheckpointError (e.g. truncated) is logged as `"{context}: skipping step_N: why"` and the
+    next tried. Raises ValueError naming the folder and every checkpoint tried when none is readable."""
+    for path in candidates:
+        try:
+            return path, read(path)
+        except UnreadableCheckpointError as exc:
+            log(f"{context}: skipping {path.name}: {exc}")
+    where = candidates[0].parent if candidates else "the run folder"
+    raise ValueError(f"{context}: no readable checkpoint under {where} (tried "
+                     f"{', '.join(p.name for p in candidates)})")
 
 
 def _fsync(path: Path) -> None:
@@ -100,10 +124,11 @@ def remove_partial_checkpoints(run_dir: Path) -> list[Path]:
     return stale
 
 
-def save_checkpoint(run_dir: Path, step: int, *, modules: dict[str, torch.nn.Module],
+def save_checkpoint(run_dir: Path, step: int, *, modules: dict[str, object],
                     states: dict[str, object], trainer_state: dict, keep_last: int,
                     rng_states: Optional[list] = None) -> Path:
-    """modules -> <name>.safetensors; states (optimizers, schedulers: their state_dict()) -> <name>.pt;
+    """modules (anything with `state_dict()`: an nn.Module, the trainer's Objective) -> <name>.safetensors;
+    states (optimizers, schedulers: their state_dict()) -> <name>.pt;
     rng_states: one `rng_state()` per rank (default: this process's only)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     final = run_dir / f"step_{step}"
@@ -143,12 +168,11 @@ def save_checkpoint(run_dir: Path, step: int, *, modules: dict[str, torch.nn.Mod
     return final
 
 
-def load_checkpoint(path: Path, *, modules: dict[str, torch.nn.Module], states: dict[str, object],
+def load_checkpoint(path: Path, *, modules: dict[str, object], states: dict[str, object],
                     rank: int = 0) -> dict:
-    """Load modules strictly and optimizer/scheduler states; restore this rank's RNG streams (a run
+    """Load modules strictly (anything with `state_dict()` / `load_state_dict(strict=True)`: an nn.Module,
+    the trainer's Objective) and optimizer/scheduler states; restore this rank's RNG streams (a run
     resumed on a different number of processes reuses them cyclically); return the trainer state."""
-    from ..tokenizers.base import load_state_dict_strict
-
     try:
         meta = json.loads((path / STATE_NAME).read_text())
     except (OSError, ValueError) as exc:

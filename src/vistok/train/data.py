@@ -22,6 +22,7 @@ from typing import Iterator, Optional, Sequence
 import torch
 from PIL import Image
 
+from ..builtin import caption_of, photo_of, resolve_builtin
 from ..images import ImageLike, PreprocessConfig, _INTERPOLATIONS, list_image_files, load_image, open_image, pil_to_pixels
 
 MAX_REPLACEMENTS = 16
@@ -38,8 +39,6 @@ def read_items(source: str) -> list[Item]:
     """A directory (recursive), a .jsonl ({"image": path, "caption"|"text": str}) or .csv (image,caption
     columns) list with paths relative to the list file, or `builtin:photos[-train|-heldout]`."""
     if source.startswith("builtin:"):
-        from ..builtin import caption_of, resolve_builtin
-
         return [Item(img, caption_of(name), name) for name, img in resolve_builtin(source)]
     path = Path(source)
     if path.is_dir():
@@ -77,8 +76,6 @@ def read_items(source: str) -> list[Item]:
 def item_group(item: Item) -> str:
     """What an item was taken from: a built-in crop's photo, otherwise the image file's folder."""
     if item.name and not isinstance(item.image, (str, os.PathLike)):  # built-in crops are PIL images
-        from ..builtin import photo_of
-
         return photo_of(item.name)
     return str(Path(item.name).parent)
 

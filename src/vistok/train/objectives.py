@@ -1,24 +1,54 @@
 """Family plug-ins for the trainer: how a family's model and loss make one generator step and one
-discriminator step. The trainer itself is family-agnostic."""
+discriminator step. The trainer itself is family-agnostic and talks to the objective only: the
+objective owns the loss (device, checkpoint state, parameters, gradient sync across ranks) and hands
+it the model tensors it needs (the decoder's last layer, the logit scale), so the loss sees tensors.
+"""
 
 from __future__ import annotations
 
-import inspect
 import math
 from pathlib import Path
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
-from ..losses.dualtoken import DualTokenLoss
-from ..schema import check_kwargs
+from ..losses.base import AdversarialLoss, LossOutput, TrainingLoss
 from ..losses.contrastive import TokLIPLoss
+from ..losses.dualtoken import DualTokenLoss
 from ..losses.kl import LDMKLLoss
 from ..losses.vq import LlamaGenVQLoss
+from ..schema import check_kwargs
+from ..tokenizers.registry import get_preset
+from ..tokenizers.siglip_hf import is_hf_siglip_folder
+from ..weights import read_release_config, tokenizer_class
+
+
+def _average_gradients(params, world: int) -> None:
+    """Sum each existing gradient over the ranks and divide by `world` (DDP's mean), in place."""
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad.div_(world)
 
 
 class Objective:
+    """A family's training objective: the one object the trainer talks to for everything loss-side.
+
+    Built from the config's `loss` section (`loss_class` keyword arguments, checked by
+    `check_loss_args`: ValueError naming an unknown key or a wrongly typed value). The trainer calls:
+
+        to(device)                          move the loss (discriminator, LPIPS, log-variance)
+        state_dict() / load_state_dict()    the loss's tensors, as `loss.safetensors` of a checkpoint
+        has_state()                         whether there are any (a checkpoint then holds that file)
+        extra_parameters(), discriminator   what the generator / discriminator optimisers train
+        generator_step(...)                 forward + loss -> (LossOutput, the family's forward output)
+        gan_active(step), discriminator_loss(out, pixels, step)
+        sync_gradients(world)               average the loss's own gradients over DDP ranks
+        after_step(raw_model)               after every optimiser step (e.g. clamp a parameter)
+    """
+
     family: str = ""
     loss_class: type = nn.Module
     # constructor overrides that turn a training model into an inference release on export
@@ -34,10 +64,6 @@ class Objective:
     def check_model(cls, cfg) -> None:
         """The model (preset or model.init release) must be of this objective's family, and model.overrides
         must be arguments of its class: both refused before anything is built."""
-        from ..tokenizers.base import read_release_config, tokenizer_class
-        from ..tokenizers.registry import get_preset
-        from ..tokenizers.siglip_hf import is_hf_siglip_folder
-
         # an HF SigLIP folder as model.init initialises the preset's tower (see build_model): the preset decides
         if cfg.model.init and not is_hf_siglip_folder(cfg.model.init):
             model_cls = tokenizer_class(read_release_config(Path(cfg.model.init))["_class_name"])
@@ -53,25 +79,63 @@ class Objective:
 
     def __init__(self, loss_args: dict):
         self.check_loss_args(loss_args)
-        self.loss = self.loss_class(**loss_args)
+        self.loss: TrainingLoss = self.loss_class(**loss_args)
+
+    # ---------------------------------------------------------------- device, state, parameters
+    def to(self, device: torch.device | str) -> "Objective":
+        """Move the loss's parameters and buffers to `device`; returns self."""
+        self.loss.to(device)
+        return self
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The loss's tensors under the loss's own names (e.g. `discriminator.*`, `logvar`); LPIPS's
+        frozen network is not part of it (see losses/lpips.py)."""
+        return self.loss.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True):
+        """Load what `state_dict()` gave (a checkpoint's `loss.safetensors`); torch's strict-load errors."""
+        return self.loss.load_state_dict(state_dict, strict=strict)
+
+    def has_state(self) -> bool:
+        """Whether the loss holds tensors a checkpoint must keep (a discriminator, a log-variance)."""
+        return bool(self.state_dict())
 
     @property
     def discriminator(self) -> Optional[nn.Module]:
+        """The discriminator the trainer's second optimiser trains, or None (no GAN)."""
         return getattr(self.loss, "discriminator", None)
-
-    def gan_active(self, step: int) -> bool:
-        return False
-
-    def generator_step(self, model: nn.Module, raw_model: nn.Module, pixels: torch.Tensor, step: int,
-                       captions: Optional[list[str]] = None):
-        raise NotImplementedError
-
-    def discriminator_loss(self, out, pixels: torch.Tensor, step: int) -> Optional[torch.Tensor]:
-        return None
 
     def extra_parameters(self) -> list[nn.Parameter]:
         """Trainable loss parameters optimised with the model (e.g. a learned log-variance)."""
         return []
+
+    def sync_gradients(self, world: int) -> None:
+        """Average the gradients of the loss's own parameters (extra parameters, then the discriminator's)
+        over `world` ranks: they live outside the DDP-wrapped model. Call on every rank after the
+        backward passes of a step and before the optimisers step; a no-op for world 1."""
+        if world <= 1:
+            return
+        _average_gradients(self.extra_parameters(), world)
+        if self.discriminator is not None:
+            _average_gradients(self.discriminator.parameters(), world)
+
+    # ---------------------------------------------------------------- the step
+    def gan_active(self, step: int) -> bool:
+        """Whether the discriminator plays at `step` (0-based optimiser step)."""
+        return False
+
+    def generator_step(self, model: nn.Module, raw_model: nn.Module, pixels: torch.Tensor, step: int,
+                       captions: Optional[list[str]] = None) -> tuple[LossOutput, object]:
+        """Run `model` (possibly DDP-wrapped) on `pixels` (B, 3, H, W) in [-1, 1] and compute the loss;
+        `raw_model` is the unwrapped tokenizer the loss's tensors (last layer, logit scale) come from;
+        `captions` (B strings) where the family trains on image-text pairs. Returns (LossOutput, the
+        family's forward output, for `discriminator_loss`). Raises ValueError for missing captions."""
+        raise NotImplementedError
+
+    def discriminator_loss(self, out, pixels: torch.Tensor, step: int) -> Optional[torch.Tensor]:
+        """The discriminator's 0-dim loss for the forward output `out` on `pixels`; None without a GAN
+        game at `step`."""
+        return None
 
     def find_unused_parameters(self) -> bool:
         """Whether some trainable model parameters get no gradient (DDP must then look for them)."""
@@ -86,21 +150,25 @@ class Objective:
 
 
 class ReconstructionObjective(Objective):
-    """Families whose loss module reconstructs pixels and may play a GAN game: the loss exposes
-    `gan_active(step)`, `forward(model, out, pixels, step=)` and `discriminator_loss(out, pixels, step=)`."""
+    """Families whose loss reconstructs pixels and may play a GAN game (an `AdversarialLoss`); the
+    model's `decoder.last_layer` weight is passed to it for the adaptive GAN weight."""
+
+    loss: AdversarialLoss
 
     def gan_active(self, step: int) -> bool:
         return self.loss.gan_active(step)
 
     def generator_step(self, model, raw_model, pixels, step, captions=None):
         out = model(pixels)
-        return self.loss(raw_model, out, pixels, step=step), out
+        return self.loss(out, pixels, step=step, last_layer=raw_model.decoder.last_layer), out
 
     def discriminator_loss(self, out, pixels, step):
         return self.loss.discriminator_loss(out, pixels, step=step) if self.gan_active(step) else None
 
 
 class DualTokenObjective(ReconstructionObjective):
+    """DualToken: semantic distillation to the frozen teacher + pixel reconstruction, commitment and GAN."""
+
     family = "dualtoken"
     loss_class = DualTokenLoss
     export_overrides = {"with_teacher": False, "siglip_weights": None}
@@ -166,13 +234,15 @@ class TokLIPObjective(Objective):
         with torch.no_grad():  # the text tower is frozen
             tokens = raw_model.siglip.tokenize(captions).to(pixels.device)
             text = raw_model.encode_text(tokens, normalize=False)
-        return self.loss(raw_model, out, text, step=step), out
+        return self.loss(out, text, step=step, logit_scale=raw_model.siglip.logit_scale), out
 
 
 OBJECTIVES = {o.family: o for o in (DualTokenObjective, KLObjective, VQGANObjective, TokLIPObjective)}
 
 
 def objective_class(family: str) -> type[Objective]:
+    """The objective of `family` ("dualtoken", "kl", "vqgan", "toklip"); ValueError naming the trainable
+    families otherwise."""
     try:
         return OBJECTIVES[family]
     except KeyError:

@@ -26,10 +26,12 @@ from torch import nn
 from ..fileio import atomic_path, remove_stale_temps
 from ..bench.codebook import CodeCounter
 from ..bench.metrics import SSIM_WINDOW, psnr_uint8, ssim_uint8
-from ..bench.recon import decode_encoding, reconstruct
 from ..images import pixels_to_pil, to_uint8
-from .checkpoint import (UnreadableCheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint, read_tensors,
-                         remove_partial_checkpoints, rng_state, save_checkpoint)
+from ..tokenizers.registry import create_tokenizer
+from ..tokenizers.siglip_hf import is_hf_siglip_folder, siglip_init_args
+from ..weights import load_state_dict_strict, read_release, read_release_config, tokenizer_class
+from .checkpoint import (UnreadableCheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint,
+                         newest_readable, read_tensors, remove_partial_checkpoints, rng_state, save_checkpoint)
 from .config import RunConfig
 from .data import (Augment, ImageDataset, ResumableBatchSampler, collate, collate_stream, is_webdataset,
                    check_data, item_group, next_position, read_items, spread_indices, WebDatasetStream)
@@ -43,6 +45,8 @@ GRID_IMAGES = 8  # held-out images per reconstruction grid
 # ---------------------------------------------------------------------------------------------- setup
 @dataclass
 class Dist:
+    """This process's place in the run: global rank, number of processes, local device index, device."""
+
     rank: int = 0
     world: int = 1
     local_rank: int = 0
@@ -50,10 +54,13 @@ class Dist:
 
     @property
     def main(self) -> bool:
+        """Rank 0: the process that writes files and logs."""
         return self.rank == 0
 
 
 def setup_distributed() -> Dist:
+    """From torchrun's environment (WORLD_SIZE, RANK, LOCAL_RANK): join the process group (NCCL on GPUs,
+    gloo on CPU) and pick this rank's device; without WORLD_SIZE > 1, one process on CUDA if available, else the CPU."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return Dist(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
@@ -71,12 +78,6 @@ def setup_distributed() -> Dist:
 def build_model(cfg: RunConfig, overrides: Optional[dict] = None, *, load_init: bool = True) -> nn.Module:
     """The preset (random weights) or the `model.init` release directory, with the config's overrides;
     an init release's weights are loaded strictly (skipped with load_init=False, e.g. for export)."""
-    from pathlib import Path
-
-    from ..tokenizers.base import load_state_dict_strict, read_release, read_release_config, tokenizer_class
-    from ..tokenizers.registry import create_tokenizer
-    from ..tokenizers.siglip_hf import is_hf_siglip_folder, siglip_init_args
-
     args = {**cfg.model.overrides, **(overrides or {})}
     if cfg.train.grad_checkpointing:
         args["grad_checkpointing"] = True
@@ -140,23 +141,39 @@ class WeightEMA(nn.Module):
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
+        """ema <- decay x ema + (1 - decay) x parameter, in fp32, for the parameters recorded at creation."""
         params = dict(model.named_parameters())
         for n in self.names:
             getattr(self, n.replace(".", "__")).lerp_(params[n].detach().float(), 1 - self.decay)
 
     def averaged(self) -> dict[str, torch.Tensor]:
+        """Parameter name -> its fp32 average (the buffers themselves, not copies)."""
         return {n: getattr(self, n.replace(".", "__")) for n in self.names}
-
-
-def _all_reduce_grads(module: nn.Module, world: int) -> None:
-    for p in module.parameters():
-        if p.grad is not None:
-            dist.all_reduce(p.grad)
-            p.grad.div_(world)
 
 
 # ---------------------------------------------------------------------------------------------- trainer
 class Trainer:
+    """Trains one tokenizer of any family on one process or one per device under torchrun (DDP).
+
+    cfg: a `RunConfig` (train/config.py); its `family` picks the `Objective` (train/objectives.py), the
+    one object the trainer talks to for everything loss-side. out_dir: the run folder, locked for the
+    run's life; it receives `config.json`, `step_<N>/` checkpoints (model, EMA, `loss.safetensors` when
+    the loss holds tensors, optimiser/scheduler states, RNG streams), `metrics.jsonl`, TensorBoard
+    events, image grids and the `export/` release. resume: continue bit for bit from the newest
+    readable checkpoint (the `family`, `model` and `loss` sections must equal the saved config's; the
+    `optim` settings may change). quiet: no logs or progress bar on stderr.
+
+    Raises (before any training): ValueError for a config that cannot train (e.g. a full-size model
+    without real initial weights, unusable data settings), for checkpoints in `out_dir` without
+    `resume`, for a differing saved config or no readable checkpoint on resume; FileNotFoundError for
+    missing data shards or `resume` without checkpoints; RunFolderBusy (a ValueError) when another live
+    process holds `out_dir`. During `fit`: FloatingPointError naming the step and the non-finite terms.
+
+    One step (`train_step`): generator forward + backward under bf16 autocast over the accumulated
+    batches, the discriminator's backward once its GAN is active, the objective's gradient sync of the
+    loss's own parameters, clipping, the optimisers' steps, the EMA update.
+    """
+
     def __init__(self, cfg: RunConfig, out_dir: str | os.PathLike, *, resume: bool = False, quiet: bool = False):
         self.cfg, self.out = cfg, Path(out_dir)
         self.dist = setup_distributed()
@@ -194,8 +211,7 @@ class Trainer:
         cfg = self.cfg
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self.model = build_model(cfg).to(self.dist.device).train()
-        self.objective: Objective = objective_class(cfg.family)(cfg.loss)
-        self.objective.loss.to(self.dist.device)  # discriminator, LPIPS, learned log-variance
+        self.objective: Objective = objective_class(cfg.family)(cfg.loss).to(self.dist.device)
         self._build_optimizers()
         self.ema = WeightEMA(self.model, cfg.train.ema_decay).to(self.dist.device) if cfg.train.ema_decay else None
         self.step, self.position, self.skipped_total = 0, (0, 0), 0
@@ -238,8 +254,8 @@ class Trainer:
         modules = {"model": self.model}
         if self.ema is not None:
             modules["ema"] = self.ema
-        if self.objective.loss.state_dict():  # discriminator, log-variance
-            modules["loss"] = self.objective.loss
+        if self.objective.has_state():  # discriminator, log-variance: loss.safetensors
+            modules["loss"] = self.objective
         states = {"optimizer": self.opt, "scheduler": self.sched}
         if self.d_opt is not None:
             states.update(d_optimizer=self.d_opt, d_scheduler=self.d_sched)
@@ -259,15 +275,10 @@ class Trainer:
         modules, states = self._state_parts()
         fresh = [[{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
                  for opt, _ in self._optimizers()]
-        for _, path in reversed(found):  # newest first; an unreadable one (e.g. truncated) falls back
-            try:
-                meta = load_checkpoint(path, modules=modules, states=states, rank=self.dist.rank)
-                break
-            except UnreadableCheckpointError as exc:
-                self.log(f"--resume: skipping {path.name}: {exc}")
-        else:
-            raise ValueError(f"--resume: no readable checkpoint under {self.out} (tried "
-                             f"{', '.join(p.name for _, p in found)})")
+        path, meta = newest_readable(  # an unreadable one (e.g. truncated) falls back to the one before
+            [p for _, p in reversed(found)],
+            lambda p: load_checkpoint(p, modules=modules, states=states, rank=self.dist.rank),
+            log=self.log, context="--resume")
         if path != found[-1][1]:
             self.log(f"--resume: continuing from {path.name}, the latest readable checkpoint")
         self._apply_optim_config(fresh)
@@ -369,6 +380,9 @@ class Trainer:
             raise FloatingPointError(f"non-finite loss on another rank at step {step}")
 
     def train_step(self, batches) -> dict:
+        """One optimiser step over `train.accumulation` batches drawn from the iterator `batches` (dicts with
+        `pixels` (B, 3, H, W) in [-1, 1] or None, `captions`, `keys`, `skipped`). Returns the step's logs:
+        name -> float (loss, the loss's terms, d_loss and grad norms where they apply, lr)."""
         t = self.cfg.train
         step = self.step
         disc = self.objective.discriminator
@@ -395,11 +409,7 @@ class Trainer:
             for k, v in {"loss": loss.total.detach(), **loss.terms}.items():
                 logs[k] = logs.get(k, 0.0) + float(v) / t.accumulation
             self._advance(batch)
-        if self.dist.world > 1:  # loss parameters live outside the DDP-wrapped model
-            for p in self.objective.extra_parameters():
-                if p.grad is not None:
-                    dist.all_reduce(p.grad)
-                    p.grad.div_(self.dist.world)
+        self.objective.sync_gradients(self.dist.world)  # the loss's parameters live outside the DDP model
         if self.cfg.optim.grad_clip:
             logs["grad_norm"] = float(nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip))
         self.opt.step()
@@ -407,8 +417,6 @@ class Trainer:
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
         if disc is not None and self.objective.gan_active(step):
-            if self.dist.world > 1:
-                _all_reduce_grads(disc, self.dist.world)
             if self.cfg.optim.grad_clip:
                 logs["d_grad_norm"] = float(nn.utils.clip_grad_norm_(disc.parameters(), self.cfg.optim.grad_clip))
             self.d_opt.step()
@@ -432,6 +440,7 @@ class Trainer:
                 self.log(f"skipped unreadable image {name}")
 
     def log(self, message: str) -> None:
+        """A line on stderr from rank 0 (through the progress bar while it shows), unless quiet."""
         if self.dist.main and not self.quiet:
             if getattr(self, "progress", None) is not None:
                 self.progress.write(message, file=sys.stderr)
@@ -464,13 +473,12 @@ class Trainer:
         try:
             with torch.no_grad():
                 for chunk in pixels.split(16):
-                    enc = self.model.encode(chunk)
-                    reference, recon = to_uint8(chunk), to_uint8(decode_encoding(self.model, enc))
+                    reference, recon = to_uint8(chunk), to_uint8(self.model.reconstruct(chunk))
                     psnr.append(psnr_uint8(reference, recon))
                     if min(chunk.shape[-2:]) >= SSIM_WINDOW:
                         ssim.append(ssim_uint8(reference, recon))
-                    if counter is not None and enc.ids is not None:
-                        counter.update(enc.ids)
+                    if counter is not None:  # the family's own reconstruct may not go through these ids
+                        counter.update(self.model.encode(chunk).ids)
         finally:
             self.model.train(was)
         scores = {"psnr": float(torch.cat(psnr).mean()), "ssim": float(torch.cat(ssim).mean()) if ssim else None}
@@ -490,7 +498,7 @@ class Trainer:
         self.model.eval()
         try:
             with torch.no_grad():
-                grid = torch.cat([pixels, reconstruct(self.model, pixels)], dim=0)
+                grid = torch.cat([pixels, self.model.reconstruct(pixels)], dim=0)
         finally:
             self.model.train(was)
         from torchvision.utils import make_grid
@@ -630,7 +638,6 @@ def export_run(run_dir: str | os.PathLike, dst: str | os.PathLike, *, step: Opti
     """A run's checkpoint (latest or `step`) -> a release directory for inference (the family's
     training-only parts, e.g. DualToken's teacher, left out). Without `step`, an unreadable latest
     checkpoint (e.g. truncated) falls back to the newest readable one, said through `log`."""
-    from ..tokenizers.base import load_state_dict_strict
     from .config import build_config
 
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -640,25 +647,20 @@ def export_run(run_dir: str | os.PathLike, dst: str | os.PathLike, *, step: Opti
     _refuse_export_into_run(run_dir, Path(dst))
     cfg = build_config(json.loads((run_dir / CONFIG_NAME).read_text()))
     if step is not None:
-        candidates = [run_dir / f"step_{step}"]
-        if not candidates[0].is_dir():
+        path = run_dir / f"step_{step}"
+        if not path.is_dir():
             raise FileNotFoundError(f"no checkpoint step_{step} under {run_dir}")
+        try:
+            state = _export_state(path, ema)
+        except UnreadableCheckpointError as exc:
+            raise ValueError(f"checkpoint step_{step} of {run_dir} cannot be exported: {exc}") from None
     else:
         candidates = [p for _, p in reversed(list_checkpoints(run_dir))]
         if not candidates:
             raise FileNotFoundError(f"no checkpoint under {run_dir}")
-    for path in candidates:
-        try:
-            state = _export_state(path, ema)
-            break
-        except UnreadableCheckpointError as exc:
-            if step is not None:
-                raise ValueError(f"checkpoint step_{step} of {run_dir} cannot be exported: {exc}") from None
-            log(f"export: skipping {path.name}: {exc}")
-    else:
-        raise ValueError(f"no readable checkpoint under {run_dir} (tried {', '.join(p.name for p in candidates)})")
-    if path != candidates[0]:
-        log(f"export: using {path.name}, the latest readable checkpoint")
+        path, state = newest_readable(candidates, lambda p: _export_state(p, ema), log=log, context="export")
+        if path != candidates[0]:
+            log(f"export: using {path.name}, the latest readable checkpoint")
     objective = objective_class(cfg.family)
     cfg.train.grad_checkpointing = False
     model = build_model(cfg, overrides=objective.export_overrides, load_init=False)
