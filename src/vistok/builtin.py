@@ -67,9 +67,14 @@ def _crops(split: str, scales: tuple[float, ...]) -> tuple[tuple[str, np.ndarray
     return tuple(out)
 
 
+def photo_of(crop_name: str) -> str:
+    """The photo a built-in crop (named `<photo>_<top>_<left>_<side>`) was cut from, e.g. "chelsea"."""
+    return crop_name.rsplit("_", 3)[0]
+
+
 def caption_of(crop_name: str) -> str:
     """The caption of a built-in crop (named `<photo>_<top>_<left>_<side>`)."""
-    return CAPTIONS[crop_name.rsplit("_", 3)[0]]
+    return CAPTIONS[photo_of(crop_name)]
 
 
 def builtin_photos(split: str = "heldout", *, scales: tuple[float, ...] = (1.0, 0.5)) -> list[tuple[str, Image.Image]]:

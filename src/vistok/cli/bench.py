@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from .common import check_device, load_model, refuse_dir_inside_inputs
+from .common import check_device, refuse_dir_inside_inputs
 from .output import emit, log
 
 _FID_RESIZES = ("clean", "pytorch-fid")
@@ -110,25 +110,6 @@ def _pixel_rows(result: dict) -> list[dict]:
     return rows + _count_rows(result)
 
 
-def _build_metrics(metrics: str, fid_name: str, device: str, fid_resize, inception, lpips_net, lpips_weights):
-    from ..bench.metrics import build_metrics, parse_metric_list
-
-    built, errors = build_metrics(parse_metric_list(metrics), fid_name=fid_name, inception=inception,
-                                  fid_resize=fid_resize, lpips_net=lpips_net, lpips_weights=lpips_weights,
-                                  device=device)
-    if not built:  # every requested metric failed: nothing to run
-        raise FileNotFoundError(next(iter(errors.values())))
-    return built, errors
-
-
-def _load_tokenizer(spec: str, device: str):
-    """load_model, with presets' random weights drawn from seed 0 so repeated runs agree."""
-    import torch
-
-    torch.manual_seed(0)
-    return load_model(spec, device)
-
-
 # ------------------------------------------------------------------------------------------ commands
 @bench.command("recon")
 @click.argument("model")
@@ -146,18 +127,14 @@ def recon_cmd(model, data, metrics, resolution, save_recon, fid_resize, inceptio
 
     DATA: a directory (recursive), a text file of image paths, or builtin:photos.
     """
-    from ..bench.data import resolve_images
-    from ..bench.recon import bench_recon
+    from ..bench.api import bench_recon
 
     check_device(device)
     if save_recon:
         refuse_dir_inside_inputs(save_recon, [data], "--save-recon")
-    images = resolve_images(data, limit=limit)
-    tok = _load_tokenizer(model, device)
-    built, errors = _build_metrics(metrics, "rfid", device, fid_resize, inception, lpips_net, lpips_weights)
-    result = bench_recon(tok, images, built, errors=errors, resolution=resolution, batch_size=batch_size,
-                         device=device, workers=workers, save_recon=save_recon, progress="recon")
-    out = {**result.to_dict(), "model": model, "data": data, "limit": limit}
+    out = bench_recon(model, data, metrics=metrics, resolution=resolution, save_recon=save_recon, limit=limit,
+                      batch_size=batch_size, device=device, workers=workers, fid_resize=fid_resize,
+                      inception=inception, lpips_net=lpips_net, lpips_weights=lpips_weights)
     _report(_pixel_rows(out), out, json_file)
 
 
@@ -170,25 +147,13 @@ def recon_cmd(model, data, metrics, resolution, save_recon, fid_resize, inceptio
 def compare_cmd(ref_dir, test_dir, metrics, fid_resize, inception, lpips_net, lpips_weights, limit, batch_size,
                 device, workers, json_file):
     """Score the images of TEST_DIR against those of REF_DIR, paired by file name without extension."""
-    from ..bench.data import resolve_images
-    from ..bench.recon import bench_compare
+    from ..bench.api import bench_compare
 
     check_device(device)
-    reference, test = resolve_images(ref_dir), resolve_images(test_dir)
-    built, errors = _build_metrics(metrics, "fid", device, fid_resize, inception, lpips_net, lpips_weights)
-    result = bench_compare(reference, test, built, errors=errors, limit=limit, batch_size=batch_size, device=device,
-                           workers=workers, progress="compare")
-    out = {**result.to_dict(), "reference": ref_dir, "test": test_dir, "limit": limit}
+    out = bench_compare(ref_dir, test_dir, metrics=metrics, limit=limit, batch_size=batch_size, device=device,
+                        workers=workers, fid_resize=fid_resize, inception=inception, lpips_net=lpips_net,
+                        lpips_weights=lpips_weights)
     _report(_pixel_rows(out), out, json_file)
-
-
-def _image_text_model(spec: str, device: str):
-    from ..bench.zeroshot import OPEN_CLIP_PREFIX, VistokImageText, load_open_clip
-
-    check_device(device)
-    if spec.startswith(OPEN_CLIP_PREFIX):
-        return load_open_clip(spec, device)
-    return VistokImageText(_load_tokenizer(spec, device), spec)
 
 
 @bench.command("zeroshot")
@@ -205,12 +170,11 @@ def zeroshot_cmd(model, data, classnames, templates, limit, batch_size, device, 
 
     MODEL: a vistok tokenizer with a text tower, or open_clip:ARCH@WEIGHTS_FILE as a baseline.
     """
-    from ..bench.zeroshot import bench_zeroshot
+    from ..bench.api import bench_zeroshot
 
-    embedder = _image_text_model(model, device)
-    result = bench_zeroshot(embedder, data, classnames=classnames, templates=templates, limit=limit,
-                            batch_size=batch_size, workers=workers, device=device, progress="zeroshot").to_dict()
-    out = {**result, "model": model, "data": data, "limit": limit}
+    check_device(device)
+    out = bench_zeroshot(model, data, classnames=classnames, templates=templates, limit=limit,
+                         batch_size=batch_size, device=device, workers=workers)
     rows = [{"metric": "top1", "value": out["top1"], "protocol": f"{out['classes']} classes, {templates} templates"},
             {"metric": "top5", "value": out["top5"], "protocol": f"top-{out['settings']['top5_k']}"}]
     _report(rows + _count_rows(out), out, json_file)
@@ -225,12 +189,11 @@ def zeroshot_cmd(model, data, classnames, templates, limit, batch_size, device, 
 @_common(batch_size=64)
 def retrieval_cmd(model, data, captions, limit, batch_size, device, workers, json_file):
     """Image->text and text->image recall@1/5/10 of MODEL on the captioned images in DATA."""
-    from ..bench.retrieval import bench_retrieval
+    from ..bench.api import bench_retrieval
 
-    embedder = _image_text_model(model, device)
-    result = bench_retrieval(embedder, data, captions, limit=limit, batch_size=batch_size, workers=workers,
-                             device=device, progress="retrieval").to_dict()
-    out = {**result, "model": model, "data": data, "limit": limit}
+    check_device(device)
+    out = bench_retrieval(model, data, captions, limit=limit, batch_size=batch_size, device=device,
+                          workers=workers)
     rows = [{"metric": k, "value": v, "protocol": ("any caption of the image in the top K" if k.startswith("i2t")
                                                     else "the caption's image in the top K")}
             for k, v in out.items() if k.startswith(("i2t_", "t2i_"))]
@@ -245,17 +208,10 @@ def retrieval_cmd(model, data, captions, limit, batch_size, device, workers, jso
 @_common(batch_size=16)
 def codebook_cmd(model, data, limit, batch_size, device, workers, json_file):
     """Per codebook and depth: usage, perplexity and dead codes of MODEL's ids on DATA."""
-    from ..bench.codebook import bench_codebook
-    from ..bench.data import resolve_images
+    from ..bench.api import bench_codebook
 
     check_device(device)
-    images = resolve_images(data, limit=limit)
-    tok = _load_tokenizer(model, device)
-    if not tok.codebooks:
-        raise ValueError(f"{model} has no discrete codebooks (continuous tokens): bench codebook needs a "
-                         "discrete tokenizer")
-    out = {**bench_codebook(tok, images, batch_size=batch_size, workers=workers, device=device,
-                            progress="codebook").to_dict(), "model": model, "data": data, "limit": limit}
+    out = bench_codebook(model, data, limit=limit, batch_size=batch_size, device=device, workers=workers)
     columns = ["codebook", "depth", "size", "used", "usage", "perplexity", "dead", "tokens"]
     _report(out["codebooks"], out, json_file, columns=columns)
 

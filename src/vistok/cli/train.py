@@ -22,17 +22,12 @@ def train_cmd(config, assignments, out_dir, resume, as_json):
     \b
     Multi-GPU / multi-node: torchrun --nproc_per_node=N -m vistok train CONFIG --out DIR
     """
-    from pathlib import Path
+    import os
 
-    from ..train.config import load_config
-    from ..train.trainer import Trainer
+    from ..train.api import train
 
-    cfg = load_config(config, list(assignments))
-    out = Path(out_dir) if out_dir else Path("checkpoints") / Path(config).stem
-    trainer = Trainer(cfg, out, resume=resume)
-    summary = trainer.fit()
-    if trainer.dist.main:
-        summary["run_dir"] = str(out)
+    summary = train(config, out=out_dir, set=list(assignments), resume=resume)
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1 or int(os.environ.get("RANK", "0")) == 0:  # torchrun: rank 0 reports
         emit([summary], as_json=as_json)
 
 

@@ -35,7 +35,8 @@ class DataConfig:
     workers: int = _f(0, ge=0)
     crop_scale: tuple[float, float] = _f((0.9, 1.0), gt=0.0, le=1.0)  # RandomResizedCrop area range (open_clip's)
     hflip: bool = False
-    shuffle_buffer: int = _f(1000, ge=0)  # webdataset only
+    shuffle_buffer: int = _f(1000, ge=0)  # webdataset only: samples shuffled within this buffer (0 or 1: off)
+    shard_shuffle: int = _f(100, ge=0)  # webdataset only: shard order shuffled within this buffer per pass (0 or 1: off)
 
 
 @dataclass
@@ -63,7 +64,8 @@ class TrainConfig:
     log_every: int = _f(10, ge=1)
     save_every: int = _f(1000, ge=1)
     keep_last: int = _f(3, ge=1)
-    image_every: int = _f(1000, ge=1)
+    image_every: int = _f(1000, ge=1)  # reconstruction grid of held-out images (and always at the last step)
+    eval_every: int = _f(1000, ge=1)  # held-out PSNR/SSIM/codebook usage (at step 0, every N steps and the last)
     ema_decay: Optional[float] = _f(None, gt=0.0, lt=1.0)
     grad_checkpointing: bool = False
     export: bool = True  # write OUT/export (a release directory) at the end

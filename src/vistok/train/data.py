@@ -22,7 +22,7 @@ from typing import Iterator, Optional, Sequence
 import torch
 from PIL import Image
 
-from ..builtin import caption_of, resolve_builtin
+from ..builtin import caption_of, photo_of, resolve_builtin
 from ..images import ImageLike, PreprocessConfig, _INTERPOLATIONS, list_image_files, load_image, open_image, pil_to_pixels
 
 MAX_REPLACEMENTS = 16
@@ -71,6 +71,28 @@ def read_items(source: str) -> list[Item]:
     if not items:
         raise ValueError(f"{source} lists no images")
     return items
+
+
+def item_group(item: Item) -> str:
+    """What an item was taken from: a built-in crop's photo, otherwise the image file's folder."""
+    if item.name and not isinstance(item.image, (str, os.PathLike)):  # built-in crops are PIL images
+        return photo_of(item.name)
+    return str(Path(item.name).parent)
+
+
+def spread_indices(groups: Sequence[str], k: int) -> list[int]:
+    """Up to k indices spread over the groups (photos, folders): the k places are dealt round-robin over the
+    groups in order of first appearance, and each group's places are evenly spaced within it."""
+    members: dict[str, list[int]] = {}
+    for index, group in enumerate(groups):
+        members.setdefault(group, []).append(index)
+    lists = list(members.values())
+    counts, turn = [0] * len(lists), 0
+    while sum(counts) < min(k, len(groups)):
+        if counts[turn] < len(lists[turn]):
+            counts[turn] += 1
+        turn = (turn + 1) % len(lists)
+    return sorted(lst[(2 * q + 1) * len(lst) // (2 * c)] for lst, c in zip(lists, counts) for q in range(c))
 
 
 def is_webdataset(source: str) -> bool:
@@ -223,14 +245,34 @@ def next_position(batch: dict, per_rank: int) -> tuple[int, int]:
 
 
 # ---------------------------------------------------------------------------------------- webdataset
-class WebDatasetStream(torch.utils.data.IterableDataset):
-    """Image(-text) samples from tar shards (jpg/png/webp + optional txt), split by rank and worker,
-    repeated pass after pass. Resuming skips (without decoding) the samples this rank already
-    consumed, counted across passes; exact with workers=0."""
+def sample_caption(sample: dict) -> str:
+    """A webdataset sample's caption: its `.txt` member, else the "caption" (img2dataset) or "txt" field of its
+    `.json` member, else "". ValueError if the `.json` member is not a JSON object."""
+    if isinstance(sample.get("txt"), bytes):
+        return sample["txt"].decode("utf-8", "replace")
+    if not isinstance(sample.get("json"), bytes):
+        return ""
+    try:
+        meta = json.loads(sample["json"])
+    except ValueError as exc:  # JSONDecodeError, or bytes that are not UTF-8
+        raise ValueError(f"unreadable .json member: {exc}") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f".json member is a {type(meta).__name__}, not an object")
+    caption = next((meta[k] for k in ("caption", "txt") if isinstance(meta.get(k), str)), "")
+    return caption
 
-    def __init__(self, urls: str, augment: Augment, *, seed: int, shuffle_buffer: int, skip: int = 0):
+
+class WebDatasetStream(torch.utils.data.IterableDataset):
+    """Image(-text) samples from tar shards (jpg/png/webp + a caption in .txt or .json, see `sample_caption`),
+    split by rank and worker, repeated pass after pass. Each pass shuffles the shard order of this
+    (rank, worker) within a buffer of `shard_shuffle` shards (0: in the listed order) and the samples
+    within `shuffle_buffer`, both seeded by (seed, pass). Resuming skips (without decoding) the samples
+    this rank already consumed, counted across passes; exact with workers=0."""
+
+    def __init__(self, urls: str, augment: Augment, *, seed: int, shuffle_buffer: int, shard_shuffle: int = 100,
+                 skip: int = 0):
         self.urls, self.augment, self.seed = urls, augment, seed
-        self.shuffle_buffer, self.skip = shuffle_buffer, skip
+        self.shuffle_buffer, self.shard_shuffle, self.skip = shuffle_buffer, shard_shuffle, skip
         self.stream = 0
 
     def _one_pass(self, epoch: int):
@@ -238,7 +280,9 @@ class WebDatasetStream(torch.utils.data.IterableDataset):
 
         import webdataset as wds
 
-        pipeline = wds.WebDataset(self.urls, shardshuffle=False, nodesplitter=wds.split_by_node,
+        # webdataset shuffles the shards after the node/worker split: each reader reorders its own share
+        pipeline = wds.WebDataset(self.urls, shardshuffle=self.shard_shuffle if self.shard_shuffle > 1 else False,
+                                  seed=self.seed + epoch, nodesplitter=wds.split_by_node,
                                   workersplitter=wds.split_by_worker, empty_check=False)
         if self.shuffle_buffer > 1:
             pipeline = pipeline.shuffle(self.shuffle_buffer, rng=random.Random(self.seed + epoch))
@@ -248,8 +292,9 @@ class WebDatasetStream(torch.utils.data.IterableDataset):
         import io
 
         name = sample.get("__key__", "?")
-        caption = sample["txt"].decode("utf-8", "replace") if isinstance(sample.get("txt"), bytes) else ""
+        caption = ""
         try:
+            caption = sample_caption(sample)
             image_key = next((k for k in ("jpg", "jpeg", "png", "webp") if k in sample), None)
             if image_key is None:
                 raise ValueError("no image in the sample")

@@ -2,7 +2,8 @@
 
 bf16 autocast (the quantizers switch it off for themselves), gradient accumulation, clipping,
 AdamW with warmup + cosine, a discriminator optimiser from the GAN start step, optional weight
-EMA, atomic checkpoints with exact resume, JSONL + TensorBoard logs, reconstruction grids.
+EMA, atomic checkpoints with exact resume, JSONL + TensorBoard logs (timestamped records, held-out
+evaluations, the resolved config), reconstruction grids of varied held-out images.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ import torch.distributed as dist
 from torch import nn
 
 from ..fileio import atomic_path, remove_stale_temps
-from ..bench.metrics import psnr_uint8
+from ..bench.codebook import CodeCounter
+from ..bench.metrics import SSIM_WINDOW, psnr_uint8, ssim_uint8
 from ..images import pixels_to_pil, to_uint8
 from ..tokenizers.registry import create_tokenizer
 from ..tokenizers.siglip_hf import is_hf_siglip_folder, siglip_init_args
@@ -32,11 +34,12 @@ from .checkpoint import (UnreadableCheckpointError, latest_checkpoint, list_chec
                          newest_readable, read_tensors, remove_partial_checkpoints, rng_state, save_checkpoint)
 from .config import RunConfig
 from .data import (Augment, ImageDataset, ResumableBatchSampler, collate, collate_stream, is_webdataset,
-                   check_data, next_position, read_items, WebDatasetStream)
+                   check_data, item_group, next_position, read_items, spread_indices, WebDatasetStream)
 from .objectives import Objective, objective_class
 from .runlock import RunFolderBusy, RunLock
 
 CONFIG_NAME = "config.json"
+GRID_IMAGES = 8  # held-out images per reconstruction grid
 
 
 # ---------------------------------------------------------------------------------------------- setup
@@ -325,7 +328,8 @@ class Trainer:
         augment = Augment(self.model.preprocess_config, d.crop_scale, d.hflip)
         if is_webdataset(d.source):
             consumed = self.position[1]
-            stream = WebDatasetStream(d.source, augment, seed=t.seed, shuffle_buffer=d.shuffle_buffer, skip=consumed)
+            stream = WebDatasetStream(d.source, augment, seed=t.seed, shuffle_buffer=d.shuffle_buffer,
+                                      shard_shuffle=d.shard_shuffle, skip=consumed)
             self.per_rank = None
             return torch.utils.data.DataLoader(stream, batch_size=t.batch_size, num_workers=d.workers,
                                                collate_fn=collate_stream, generator=torch.Generator())
@@ -351,6 +355,16 @@ class Trainer:
             return None
         items = read_items(d.eval_source)[: d.eval_limit]
         return self.model.preprocess([it.image for it in items]).to(self.dist.device)
+
+    def _grid_pixels(self) -> Optional[torch.Tensor]:
+        """GRID_IMAGES held-out images spread over eval_source's photos (built-in) or folders, not only its
+        first ones (the built-in held-out set begins with 17 crops of one photo)."""
+        d = self.cfg.data
+        if not d.eval_source or not self.dist.main:
+            return None
+        items = read_items(d.eval_source)
+        picks = spread_indices([item_group(it) for it in items], GRID_IMAGES)
+        return self.model.preprocess([items[i].image for i in picks]).to(self.dist.device)
 
     # ------------------------------------------------------------------ the loop
     def _autocast(self):
@@ -446,35 +460,90 @@ class Trainer:
                 out[f"codebook/{key}/restarts"] = s.restarts_last_step
         return out
 
-    def evaluate(self, pixels: Optional[torch.Tensor]) -> Optional[float]:
+    def evaluate(self, pixels: Optional[torch.Tensor]) -> Optional[dict]:
+        """Held-out scores of the current weights (eval mode): {"psnr": dB, "ssim": [0, 1] (None below 11 px),
+        "codebook/<name>/usage": fraction of the codes used, mean over depths, "codebook/<name>/perplexity"}
+        (codebook keys for discrete families only), means over the images; None without eval images."""
         if pixels is None:
             return None
+        counter = CodeCounter(self.model.codebooks) if getattr(self.model, "codebooks", None) else None
+        psnr, ssim = [], []
         was = self.model.training
         self.model.eval()
         try:
             with torch.no_grad():
-                scores = [psnr_uint8(to_uint8(chunk), to_uint8(self.model.reconstruct(chunk)))
-                          for chunk in pixels.split(16)]
+                for chunk in pixels.split(16):
+                    reference, recon = to_uint8(chunk), to_uint8(self.model.reconstruct(chunk))
+                    psnr.append(psnr_uint8(reference, recon))
+                    if min(chunk.shape[-2:]) >= SSIM_WINDOW:
+                        ssim.append(ssim_uint8(reference, recon))
+                    if counter is not None:  # the family's own reconstruct may not go through these ids
+                        counter.update(self.model.encode(chunk).ids)
         finally:
             self.model.train(was)
-        return float(torch.cat(scores).mean())
+        scores = {"psnr": float(torch.cat(psnr).mean()), "ssim": float(torch.cat(ssim).mean()) if ssim else None}
+        rows = counter.results() if counter is not None else []
+        for name in dict.fromkeys(r.codebook for r in rows):
+            depths = [r for r in rows if r.codebook == name and r.depth != "all"]
+            scores[f"codebook/{name}/usage"] = sum(r.usage for r in depths) / len(depths)
+            scores[f"codebook/{name}/perplexity"] = sum(r.perplexity for r in depths) / len(depths)
+        return scores
 
-    def save_images(self, pixels: Optional[torch.Tensor]) -> None:
+    def save_images(self, pixels: Optional[torch.Tensor], writer=None) -> None:
+        """images/step_<N>.png (and the TensorBoard image "reconstructions"): originals above, reconstructions
+        below."""
         if pixels is None or not self.dist.main:
             return
         was = self.model.training
         self.model.eval()
         try:
-            x = pixels[:8]
-            grid = torch.cat([x, self.model.reconstruct(x)], dim=0)
+            with torch.no_grad():
+                grid = torch.cat([pixels, self.model.reconstruct(pixels)], dim=0)
         finally:
             self.model.train(was)
         from torchvision.utils import make_grid
 
-        image = pixels_to_pil(make_grid(grid, nrow=len(x), padding=2, pad_value=1.0)[None])[0]
+        grid = make_grid(grid.float().clamp(-1, 1), nrow=len(pixels), padding=2, pad_value=1.0)
         (self.out / "images").mkdir(parents=True, exist_ok=True)
         with atomic_path(self.out / "images" / f"step_{self.step}.png") as tmp:
-            image.save(tmp, format="PNG")
+            pixels_to_pil(grid[None])[0].save(tmp, format="PNG")
+        if writer is not None:
+            writer.add_image("reconstructions", to_uint8(grid), self.step)
+
+    def _write_record(self, writer, record: dict, started: float, *, not_scalars=("step", "time")) -> None:
+        """One metrics.jsonl line (with `time`, unix seconds, and `elapsed_s`, seconds since this process began
+        training) and its TensorBoard scalars; rank 0 only."""
+        now = time.time()
+        record = {**record, "time": round(now, 3), "elapsed_s": round(now - started, 2)}
+        if not self.dist.main:
+            return
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        for k, v in record.items():
+            if k not in not_scalars and isinstance(v, (int, float)):
+                writer.add_scalar(k, v, self.step)
+
+    def _log_eval(self, writer, pixels, started: float) -> Optional[dict]:
+        """Evaluate (every rank) and log the scores as `eval/...` keys at this step."""
+        scores = self.evaluate(pixels)
+        if scores is not None:
+            self._write_record(writer, {"step": self.step, **{f"eval/{k}": v for k, v in scores.items()}}, started,
+                               not_scalars=("step", "time", "elapsed_s"))
+        return scores
+
+    def _log_config(self, writer) -> None:
+        """The resolved config as TensorBoard text and hparams (flattened section.key; lists and None as text)."""
+        from torch.utils.tensorboard.summary import hparams
+
+        config = self.cfg.to_dict()
+        writer.add_text("config", "```json\n" + json.dumps(config, indent=2) + "\n```", self.step)
+        flat = {}
+        for section, values in config.items():
+            for key, value in (values.items() if isinstance(values, dict) else [("", values)]):
+                name = f"{section}.{key}" if key else section
+                flat[name] = value if isinstance(value, (bool, int, float, str)) else json.dumps(value)
+        for summary in hparams(flat, {"eval/psnr": 0.0, "eval/ssim": 0.0}):
+            writer.file_writer.add_summary(summary)
 
     def fit(self) -> dict:
         """Train to `train.steps` (and export); the run folder is released at the end, whatever happens."""
@@ -510,10 +579,9 @@ class Trainer:
         if self.dist.main:
             with atomic_path(self.out / CONFIG_NAME) as tmp:
                 tmp.write_text(json.dumps(self.cfg.to_dict(), indent=2) + "\n")
-        eval_pixels = self._eval_pixels()
+        eval_pixels, grid_pixels = self._eval_pixels(), self._grid_pixels()
         summary = {"start_step": self.step}
-        if self.step == 0:
-            summary["psnr_before"] = self.evaluate(eval_pixels)
+        started = time.time()
         writer = None
         if self.dist.main:
             from torch.utils.tensorboard import SummaryWriter
@@ -522,40 +590,42 @@ class Trainer:
                 self._truncate_logs()
             # purge_step: TensorBoard drops the events a resumed run is about to write again
             writer = SummaryWriter(str(self.out / "tensorboard"), purge_step=self.step + 1 if self.step else None)
-        batches = iter(self._loader())
+            self._log_config(writer)
         progress = self.progress = None
-        if self.dist.main and not self.quiet:
-            from tqdm import tqdm
-
-            progress = self.progress = tqdm(total=t.steps, initial=self.step, desc="train", file=sys.stderr,
-                                            dynamic_ncols=True)
-        started = time.time()
+        last_eval = None
         try:
+            if self.step == 0:
+                scores = self._log_eval(writer, eval_pixels, started)
+                summary["psnr_before"] = scores["psnr"] if scores else None
+            batches = iter(self._loader())
+            if self.dist.main and not self.quiet:
+                from tqdm import tqdm
+
+                progress = self.progress = tqdm(total=t.steps, initial=self.step, desc="train", file=sys.stderr,
+                                                dynamic_ncols=True)
             while self.step < t.steps:
                 logs = self.train_step(batches)
                 if progress is not None:
                     progress.update(1)
                     progress.set_postfix(loss=f"{logs['loss']:.4f}")
-                if self.step % t.log_every == 0 or self.step == t.steps:
-                    logs.update(self._codebook_stats(), step=self.step, skipped_images=self.skipped_total,
-                                elapsed_s=round(time.time() - started, 2))
-                    if self.dist.main:
-                        with open(self.out / "metrics.jsonl", "a") as f:
-                            f.write(json.dumps(logs) + "\n")
-                        for k, v in logs.items():
-                            if k != "step":
-                                writer.add_scalar(k, v, self.step)
-                if self.step % t.image_every == 0:
-                    self.save_images(eval_pixels)
-                if self.step % t.save_every == 0 or self.step == t.steps:
+                last = self.step == t.steps
+                if self.step % t.log_every == 0 or last:
+                    logs.update(self._codebook_stats(), step=self.step, skipped_images=self.skipped_total)
+                    self._write_record(writer, logs, started)
+                if self.step % t.eval_every == 0 or last:
+                    last_eval = (self.step, self._log_eval(writer, eval_pixels, started))
+                if self.step % t.image_every == 0 or last:
+                    self.save_images(grid_pixels, writer)
+                if self.step % t.save_every == 0 or last:
                     self.save()
         finally:
             if progress is not None:
                 progress.close()
             if writer is not None:
                 writer.close()
+        scores = last_eval[1] if last_eval and last_eval[0] == self.step else self.evaluate(eval_pixels)
         summary.update(steps=self.step, seconds=round(time.time() - started, 1), skipped_images=self.skipped_total,
-                       psnr_after=self.evaluate(eval_pixels))
+                       psnr_after=scores["psnr"] if scores else None)
         if t.export and self.dist.main:
             summary["export"] = str(export_run(self.out, self.out / "export", ema=self.ema is not None,
                                                   log=self.log))
