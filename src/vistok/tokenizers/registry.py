@@ -11,8 +11,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Optional
 
-from .base import (VisualTokenizer, build_checked, check_model_args, load_state_dict_strict, read_release,
-                   tokenizer_class)
+from .base import (CONFIG_NAME, VisualTokenizer, build_checked, check_model_args, load_state_dict_strict, read_release,
+                   read_release_config, tokenizer_class)
+from .empty_init import assign_state_dict, parameters_on_meta
 
 HF_HUB_PREFIX = "hf-hub:"
 
@@ -60,10 +61,15 @@ def create_tokenizer(name: str, **overrides) -> VisualTokenizer:
     """Build a preset with freshly initialised weights (never downloads). Keyword overrides replace
     constructor arguments; dicts (`preprocess`, `decoder`) are merged into the preset's, except
     `clip_config`, which replaces it whole."""
+    cls, args, source = _preset_args(name, overrides)
+    return build_checked(cls, args, source)
+
+
+def _preset_args(name: str, overrides: dict) -> tuple[type[VisualTokenizer], dict, str]:
     preset = get_preset(name)
     cls = tokenizer_class(preset["class"])
     args = check_model_args(cls, _merge(preset.get("args", {}), overrides), f"preset {name!r}", release=False)
-    return build_checked(cls, args, f"preset {name!r}")
+    return cls, args, f"preset {name!r}"
 
 
 def _resolve_hf_hub(spec: str) -> Path:
@@ -88,14 +94,36 @@ def load_tokenizer(path: str | os.PathLike, *, map_location: str = "cpu") -> Vis
         hint = f" ({spec!r} is a preset: use create_tokenizer)" if spec in _presets() else ""
         raise FileNotFoundError(f"no such tokenizer directory: {directory}{hint}")
     config, weights = read_release(directory)
+    source = str(directory / "config.json")
     cls = tokenizer_class(config["_class_name"])
-    tok = build_checked(cls, config["model_args"], str(directory / "config.json"))
-    tok.check_release_config(config, source=str(directory / "config.json"))
-    load_state_dict_strict(tok, weights, target=f"{cls.__name__} from {directory}")
+    target = f"{cls.__name__} from {directory}"
+    with parameters_on_meta():  # the file overwrites every parameter: nothing to initialise
+        tok = build_checked(cls, config["model_args"], source)
+    tok.check_release_config(config, source=source)
+    try:
+        assign_state_dict(tok, weights, target=target)
+    except RuntimeError:  # a module that loads by copying into its parameters: build and copy the usual way
+        tok = build_checked(cls, config["model_args"], source)
+        load_state_dict_strict(tok, weights, target=target)
     tok.eval()
     if map_location != "cpu":
         tok.to(map_location)
     return tok
+
+
+def empty_tokenizer(spec: str) -> VisualTokenizer:
+    """A preset or release directory built with its parameters on the meta device: shapes, counts and config
+    without allocating or initialising weights (what `vistok info` shows). Buffers are real."""
+    if spec.startswith(HF_HUB_PREFIX) or Path(spec).exists():
+        directory = _resolve_hf_hub(spec) if spec.startswith(HF_HUB_PREFIX) else Path(spec)
+        config = read_release_config(directory)
+        cls, args, source = tokenizer_class(config["_class_name"]), config["model_args"], str(directory / CONFIG_NAME)
+    else:
+        if os.sep in spec or "/" in spec or spec.startswith("."):
+            raise FileNotFoundError(f"no such release directory: {spec}")
+        cls, args, source = _preset_args(spec, {})
+    with parameters_on_meta():
+        return build_checked(cls, args, source)
 
 
 def resolve_tokenizer(spec: str) -> VisualTokenizer:
