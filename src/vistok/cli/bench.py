@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from .common import check_device, load_model, refuse_dir_inside_inputs
+from .common import check_device, device_option, dtype_option, load_model, refuse_dir_inside_inputs
 from .output import emit, log
 
 _FID_RESIZES = ("clean", "pytorch-fid")
@@ -25,7 +25,7 @@ def _common(batch_size: int):
         for option in reversed([
             click.option("--limit", type=click.IntRange(1), default=None, help="use only the first N images"),
             click.option("--batch-size", default=batch_size, show_default=True, type=click.IntRange(1)),
-            click.option("--device", default="cpu", show_default=True, help="torch device (cpu, cuda, cuda:N)"),
+            device_option(),
             click.option("--workers", default=0, show_default=True, type=click.IntRange(0),
                          help="image loading processes (0: load in the main process)"),
             click.option("--json", "json_file", type=click.Path(dir_okay=False), default=None,
@@ -121,12 +121,12 @@ def _build_metrics(metrics: str, fid_name: str, device: str, fid_resize, incepti
     return built, errors
 
 
-def _load_tokenizer(spec: str, device: str):
+def _load_tokenizer(spec: str, device: str, dtype: str = "fp32"):
     """load_model, with presets' random weights drawn from seed 0 so repeated runs agree."""
     import torch
 
     torch.manual_seed(0)
-    return load_model(spec, device)
+    return load_model(spec, device, dtype)
 
 
 # ------------------------------------------------------------------------------------------ commands
@@ -140,8 +140,9 @@ def _load_tokenizer(spec: str, device: str):
               help="write the reconstructions (uint8 PNG, named like the inputs) to this directory")
 @_pixel_metric_options
 @_common(batch_size=16)
+@dtype_option()
 def recon_cmd(model, data, metrics, resolution, save_recon, fid_resize, inception, lpips_net, lpips_weights, limit,
-              batch_size, device, workers, json_file):
+              batch_size, device, workers, json_file, dtype):
     """Reconstruct every image of DATA with MODEL and score it against the (preprocessed) original.
 
     DATA: a directory (recursive), a text file of image paths, or builtin:photos.
@@ -153,7 +154,7 @@ def recon_cmd(model, data, metrics, resolution, save_recon, fid_resize, inceptio
     if save_recon:
         refuse_dir_inside_inputs(save_recon, [data], "--save-recon")
     images = resolve_images(data, limit=limit)
-    tok = _load_tokenizer(model, device)
+    tok = _load_tokenizer(model, device, dtype)
     built, errors = _build_metrics(metrics, "rfid", device, fid_resize, inception, lpips_net, lpips_weights)
     result = bench_recon(tok, images, built, errors=errors, resolution=resolution, batch_size=batch_size,
                          device=device, workers=workers, save_recon=save_recon, progress="recon")
@@ -182,13 +183,15 @@ def compare_cmd(ref_dir, test_dir, metrics, fid_resize, inception, lpips_net, lp
     _report(_pixel_rows(out), out, json_file)
 
 
-def _image_text_model(spec: str, device: str):
+def _image_text_model(spec: str, device: str, dtype: str = "fp32"):
     from ..bench.zeroshot import OPEN_CLIP_PREFIX, VistokImageText, load_open_clip
 
     check_device(device)
     if spec.startswith(OPEN_CLIP_PREFIX):
+        if dtype != "fp32":
+            raise ValueError(f"--dtype {dtype} applies to vistok models; the open_clip baseline runs in fp32")
         return load_open_clip(spec, device)
-    return VistokImageText(_load_tokenizer(spec, device), spec)
+    return VistokImageText(_load_tokenizer(spec, device, dtype), spec)
 
 
 @bench.command("zeroshot")
@@ -200,14 +203,15 @@ def _image_text_model(spec: str, device: str):
 @click.option("--templates", default="openai", show_default=True,
               help="openai (80 prompts), simple (7), or a text file with one template per line containing {}")
 @_common(batch_size=64)
-def zeroshot_cmd(model, data, classnames, templates, limit, batch_size, device, workers, json_file):
+@dtype_option()
+def zeroshot_cmd(model, data, classnames, templates, limit, batch_size, device, workers, json_file, dtype):
     """Zero-shot top-1/top-5 of MODEL on an ImageFolder tree DATA (one subfolder per class).
 
     MODEL: a vistok tokenizer with a text tower, or open_clip:ARCH@WEIGHTS_FILE as a baseline.
     """
     from ..bench.zeroshot import bench_zeroshot
 
-    embedder = _image_text_model(model, device)
+    embedder = _image_text_model(model, device, dtype)
     result = bench_zeroshot(embedder, data, classnames=classnames, templates=templates, limit=limit,
                             batch_size=batch_size, workers=workers, device=device, progress="zeroshot").to_dict()
     out = {**result, "model": model, "data": data, "limit": limit}
@@ -223,11 +227,12 @@ def zeroshot_cmd(model, data, classnames, templates, limit, batch_size, device, 
               help='.jsonl ({"image": path, "captions": [...]} per line) or .csv (image,caption rows); image '
                    "paths relative to DATA")
 @_common(batch_size=64)
-def retrieval_cmd(model, data, captions, limit, batch_size, device, workers, json_file):
+@dtype_option()
+def retrieval_cmd(model, data, captions, limit, batch_size, device, workers, json_file, dtype):
     """Image->text and text->image recall@1/5/10 of MODEL on the captioned images in DATA."""
     from ..bench.retrieval import bench_retrieval
 
-    embedder = _image_text_model(model, device)
+    embedder = _image_text_model(model, device, dtype)
     result = bench_retrieval(embedder, data, captions, limit=limit, batch_size=batch_size, workers=workers,
                              device=device, progress="retrieval").to_dict()
     out = {**result, "model": model, "data": data, "limit": limit}
@@ -243,14 +248,15 @@ def retrieval_cmd(model, data, captions, limit, batch_size, device, workers, jso
 @click.argument("model")
 @click.argument("data")
 @_common(batch_size=16)
-def codebook_cmd(model, data, limit, batch_size, device, workers, json_file):
+@dtype_option()
+def codebook_cmd(model, data, limit, batch_size, device, workers, json_file, dtype):
     """Per codebook and depth: usage, perplexity and dead codes of MODEL's ids on DATA."""
     from ..bench.codebook import bench_codebook
     from ..bench.data import resolve_images
 
     check_device(device)
     images = resolve_images(data, limit=limit)
-    tok = _load_tokenizer(model, device)
+    tok = _load_tokenizer(model, device, dtype)
     if not tok.codebooks:
         raise ValueError(f"{model} has no discrete codebooks (continuous tokens): bench codebook needs a "
                          "discrete tokenizer")
