@@ -167,3 +167,25 @@ def test_model_card_says_what_the_model_is_and_keeps_a_users_readme(tmp_path, ti
     assert vistok.load_tokenizer(d).preset_name == "tiny-kl"
     d2 = tiny_kl.save_pretrained(tmp_path / "nocard", model_card=False)
     assert not (d2 / "README.md").exists()
+
+
+def test_a_trained_export_cards_its_data_steps_and_held_out_psnr(tmp_path):
+    from click.testing import CliRunner
+
+    from vistok.cli import main
+
+    cfg = {"family": "kl", "model": {"preset": "tiny-kl"},
+           "data": {"source": "builtin:photos-train", "eval_source": "builtin:photos", "eval_limit": 4},
+           "loss": {"perceptual_weight": 0.0, "disc_start": 100},
+           "optim": {"lr": 1e-3, "warmup_steps": 0, "schedule": "constant"},
+           "train": {"steps": 2, "batch_size": 2, "precision": "fp32", "save_every": 2, "image_every": 100}}
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    res = CliRunner().invoke(main, ["train", str(tmp_path / "cfg.json"), "--out", str(tmp_path / "run"), "--json"])
+    assert res.exit_code == 0, res.output
+    release = tmp_path / "run" / "export"
+    config = json.loads((release / "config.json").read_text())
+    assert config["training"] == {"data": "builtin:photos-train", "steps": 2, "batch_size": 2, "weights": "model"}
+    psnr = config["metrics"]["heldout_psnr"]
+    card = (release / "README.md").read_text()
+    assert f"| heldout_psnr | {psnr:.4g} |" in card and "- data: builtin:photos-train" in card
+    assert "built from the preset `tiny-kl`" in card

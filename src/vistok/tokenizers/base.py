@@ -369,7 +369,7 @@ class VisualTokenizer(nn.Module):
             config.update(extra)
         # both files are complete on disk before either replaces its predecessor; the inner context
         # exits first, so the weights are swapped in before the config that describes them
-        remove_stale_temps(directory, (CONFIG_NAME, WEIGHTS_NAME))  # left by a writer killed mid-save
+        remove_stale_temps(directory, (CONFIG_NAME, WEIGHTS_NAME, "README.md"))  # left by a writer killed mid-save
         try:
             with atomic_path(directory / CONFIG_NAME) as c_tmp, atomic_path(directory / WEIGHTS_NAME) as w_tmp:
                 save_model(self, str(w_tmp), metadata={"format": "pt", "vistok_version": __version__})
