@@ -54,7 +54,7 @@ def model_card(config: dict, repo_id: Optional[str] = None) -> str:
     lines.append(f"A {_PAPERS.get(family, family or 'vistok')} visual tokenizer saved by "
                  f"vistok {config.get('vistok_version', '')}: class `{cls}`"
                  + (f", built from the preset `{config['preset']}`." if config.get("preset") else "."))
-    lines += ["", "| | |", "|---|---|", f"| family | {family or '-'} |"]
+    lines += ["", "| field | value |", "|---|---|", f"| family | {family or '-'} |"]
     pp = config.get("preprocess") or {}
     if pp.get("image_size"):
         lines.append(f"| input | {pp['image_size']} px, crop `{pp.get('crop', '')}`, pixels in [-1, 1] |")

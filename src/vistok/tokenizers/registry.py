@@ -113,13 +113,15 @@ def _resolve_hf_hub(spec: str, revision: Optional[str] = None) -> Path:
         "release directory's local path")
 
 
+def _hub_hint(spec: str) -> str:
+    """For `org/name` that is no folder: the hf-hub: spelling that loads it from the Hugging Face cache."""
+    if spec.count("/") == 1 and not spec.startswith((".", "/", "~")) and all(spec.split("/")):
+        return f"; to load {spec!r} from the Hugging Face Hub (local cache), pass 'hf-hub:{spec}'"
+    return ""
+
+
 def _missing_directory(spec: str, directory: Path) -> FileNotFoundError:
-    if spec in _presets():
-        hint = f" ({spec!r} is a preset: use create_tokenizer)"
-    elif "/" in spec and not spec.startswith((".", "/", "~")) and spec.count("/") == 1:
-        hint = f"; to load {spec!r} from the Hugging Face Hub (local cache), pass 'hf-hub:{spec}'"
-    else:
-        hint = ""
+    hint = f" ({spec!r} is a preset: use create_tokenizer)" if spec in _presets() else _hub_hint(spec)
     return FileNotFoundError(f"no such tokenizer directory: {directory}{hint}")
 
 
@@ -201,9 +203,7 @@ def empty_tokenizer(spec: str, revision: Optional[str] = None) -> VisualTokenize
 
 def _check_preset_spec(spec: str) -> None:
     if os.sep in spec or "/" in spec or spec.startswith("."):
-        hint = f" (for the Hugging Face Hub pass 'hf-hub:{spec}')" if spec.count("/") == 1 and not spec.startswith(
-            (".", "/")) else ""
-        raise FileNotFoundError(f"no such release directory: {spec}{hint}")
+        raise FileNotFoundError(f"no such release directory: {spec}{_hub_hint(spec)}")
 
 
 def resolve_tokenizer(spec: str) -> VisualTokenizer:
