@@ -137,9 +137,12 @@ def unwrap_state_dict(obj: object, keys: Iterable[str] = ("model", "state_dict")
 
 def check_destination(dst: str | Path, kind: str) -> None:
     """Refuse a conversion's DST that would overwrite or mix with other files: DST must be new, empty,
-    or a release an earlier `vistok convert KIND` wrote (only config.json and model.safetensors, with
-    `source.kind == kind`), which converting again replaces. Called before anything is read or written."""
+    or a release an earlier `vistok convert KIND` wrote (only config.json, model.safetensors and vistok's own
+    README.md model card, with `source.kind == kind`), which converting again replaces. Called before anything
+    is read or written."""
     import json
+
+    from ..tokenizers.model_card import README_NAME, is_ours
 
     dst = Path(dst)
     if not dst.exists():
@@ -153,7 +156,8 @@ def check_destination(dst: str | Path, kind: str) -> None:
         kind_there = json.loads((dst / "config.json").read_text()).get("source", {}).get("kind")
     except (OSError, ValueError, AttributeError):
         kind_there = None
-    if set(held) <= {"config.json", "model.safetensors"} and kind_there == kind:
+    ours = {"config.json", "model.safetensors"} | ({README_NAME} if is_ours(dst / README_NAME) else set())
+    if set(held) <= ours and kind_there == kind:
         return
     raise ValueError(f"destination {dst} is not empty and is not an earlier `vistok convert {kind}` release "
                      f"(it holds {held[:5]}{' ...' if len(held) > 5 else ''}); choose a new directory, "
