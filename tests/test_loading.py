@@ -91,7 +91,8 @@ def test_assigning_load_never_initialises_parameters(releases, monkeypatch):
     seen = []
     for fn in ("normal_", "uniform_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_"):
         original = getattr(nn.init, fn)
-        monkeypatch.setattr(nn.init, fn, lambda t, *a, _f=original, **k: (seen.append(t.device.type), _f(t, *a, **k))[1])
+        monkeypatch.setattr(nn.init, fn,
+                            lambda t, *a, _f=original, **k: (seen.append(t.device.type), _f(t, *a, **k))[1])
     for name in ("tiny-kl", "tiny-dualtoken"):
         seen.clear()
         vistok.load_tokenizer(releases[name])

@@ -49,8 +49,8 @@ def parameters_on_meta() -> Iterator[None]:
 
 def meta_tensors(module: nn.Module) -> list[str]:
     """Names of the parameters and buffers of `module` still on the meta device."""
-    return [n for n, t in [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
-            if t.is_meta]
+    tensors = [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
+    return [n for n, t in tensors if t.is_meta]
 
 
 def _alias_groups(expected: dict[str, torch.Tensor]) -> list[list[str]]:

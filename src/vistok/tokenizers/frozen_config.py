@@ -10,7 +10,8 @@ class FrozenConfig(dict):
     """A JSON-typed config you read as `cfg["scaling_factor"]` or `cfg.scaling_factor` (nested dicts too:
     `cfg.preprocess.image_size`). It is a `dict` subclass, so it compares equal to the plain dict,
     `json.dumps` writes it and `dict(cfg)` copies it; every mutation (`cfg[k] = v`, `cfg.k = v`, `update`,
-    `pop`, ...) raises TypeError; `to_dict()` is an editable copy. Lists stay lists, so `cfg == json.loads(json.dumps(cfg))`.
+    `pop`, ...) raises TypeError; `to_dict()` is an editable copy. Lists stay lists, so
+    `cfg == json.loads(json.dumps(cfg))`.
     """
 
     def __init__(self, *args, **kwargs):
@@ -27,7 +28,8 @@ class FrozenConfig(dict):
 
     def _refuse(self, *args, **kwargs) -> NoReturn:
         raise TypeError("the config is read-only (it rebuilds this model); to change an argument, build a new "
-                        "tokenizer: vistok.create_tokenizer(preset, **{name: value}), or edit a copy: tok.config.to_dict()")
+                        "tokenizer: vistok.create_tokenizer(preset, **{name: value}), or edit a copy: "
+                        "tok.config.to_dict()")
 
     __setitem__ = __delitem__ = __setattr__ = __delattr__ = _refuse
     update = pop = popitem = clear = setdefault = __ior__ = _refuse

@@ -562,7 +562,8 @@ def export_run(run_dir: str | os.PathLike, dst: str | os.PathLike, *, step: Opti
     """A run's checkpoint (latest or `step`) -> a release directory for inference (the family's
     training-only parts, e.g. DualToken's teacher, left out). The release's config.json and model card
     record the steps, the training data and batch size, and `metrics` (held-out scores of these weights).
-    Without `step`, an unreadable latest checkpoint (e.g. truncated) falls back to the newest readable one, said through `log`."""
+    Without `step`, an unreadable latest checkpoint (e.g. truncated) falls back to the newest readable one,
+    said through `log`."""
     from ..tokenizers.base import load_state_dict_strict
     from .config import build_config
 
@@ -598,8 +599,9 @@ def export_run(run_dir: str | os.PathLike, dst: str | os.PathLike, *, step: Opti
     state = {k: v for k, v in state.items() if not k.startswith(objective.export_drop_prefixes)}
     load_state_dict_strict(model, state, target=f"export of {path}")
     steps = int(path.name.split("_")[1])
-    extra = {"trained_steps": steps, "training": {"data": cfg.data.source, "steps": steps,
-                                                  "batch_size": cfg.train.batch_size, "weights": "ema" if ema else "model"}}
+    training = {"data": cfg.data.source, "steps": steps, "batch_size": cfg.train.batch_size,
+                "weights": "ema" if ema else "model"}
+    extra = {"trained_steps": steps, "training": training}
     model.save_pretrained(dst, extra={**extra, **({"metrics": metrics} if metrics else {})})
     return Path(dst)
 
