@@ -547,8 +547,9 @@ def test_temp_files_of_a_killed_export_are_removed(run, tmp_path):
     exp.mkdir()
     (exp / ".model.safetensors.k1ll3d.tmp").write_bytes(b"x" * 100)
     (exp / ".config.json.k1ll3d.tmp").write_text("{")
+    (exp / ".README.md.k1ll3d.tmp").write_text("# half a model card")
     cli_ok(["export", run, exp])
-    assert sorted(p.name for p in exp.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in exp.iterdir()) == ["README.md", "config.json", "model.safetensors"]
 
 
 # ---------------------------------------------------------------------------------------------- 7

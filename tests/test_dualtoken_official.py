@@ -265,7 +265,10 @@ def test_destination_that_holds_other_files_is_refused_and_nothing_is_overwritte
     # converting again into its own earlier release replaces it
     for _ in range(2):
         assert convert_dualtoken(folder / "epoch_1.pt", tmp_path / "out")["tensors"] == 332
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    (tmp_path / "out" / "README.md").write_text("# my notes on this run\n")  # not vistok's card: refused
+    with pytest.raises(ValueError, match="is not empty and is not an earlier"):
+        convert_dualtoken(folder / "epoch_1.pt", tmp_path / "out")
 
 
 @pytest.mark.parametrize("edit,message", [

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from .common import check_device, refuse_dir_inside_inputs
+from .common import check_device, device_option, dtype_option, refuse_dir_inside_inputs
 from .output import emit, log
 
 _FID_RESIZES = ("clean", "pytorch-fid")
@@ -25,7 +25,7 @@ def _common(batch_size: int):
         for option in reversed([
             click.option("--limit", type=click.IntRange(1), default=None, help="use only the first N images"),
             click.option("--batch-size", default=batch_size, show_default=True, type=click.IntRange(1)),
-            click.option("--device", default="cpu", show_default=True, help="torch device (cpu, cuda, cuda:N)"),
+            device_option(),
             click.option("--workers", default=0, show_default=True, type=click.IntRange(0),
                          help="image loading processes (0: load in the main process)"),
             click.option("--json", "json_file", type=click.Path(dir_okay=False), default=None,
@@ -121,8 +121,9 @@ def _pixel_rows(result: dict) -> list[dict]:
               help="write the reconstructions (uint8 PNG, named like the inputs) to this directory")
 @_pixel_metric_options
 @_common(batch_size=16)
+@dtype_option()
 def recon_cmd(model, data, metrics, resolution, save_recon, fid_resize, inception, lpips_net, lpips_weights, limit,
-              batch_size, device, workers, json_file):
+              batch_size, device, workers, json_file, dtype):
     """Reconstruct every image of DATA with MODEL and score it against the (preprocessed) original.
 
     DATA: a directory (recursive), a text file of image paths, or builtin:photos.
@@ -133,7 +134,7 @@ def recon_cmd(model, data, metrics, resolution, save_recon, fid_resize, inceptio
     if save_recon:
         refuse_dir_inside_inputs(save_recon, [data], "--save-recon")
     out = bench_recon(model, data, metrics=metrics, resolution=resolution, save_recon=save_recon, limit=limit,
-                      batch_size=batch_size, device=device, workers=workers, fid_resize=fid_resize,
+                      batch_size=batch_size, device=device, dtype=dtype, workers=workers, fid_resize=fid_resize,
                       inception=inception, lpips_net=lpips_net, lpips_weights=lpips_weights)
     _report(_pixel_rows(out), out, json_file)
 
@@ -165,7 +166,8 @@ def compare_cmd(ref_dir, test_dir, metrics, fid_resize, inception, lpips_net, lp
 @click.option("--templates", default="openai", show_default=True,
               help="openai (80 prompts), simple (7), or a text file with one template per line containing {}")
 @_common(batch_size=64)
-def zeroshot_cmd(model, data, classnames, templates, limit, batch_size, device, workers, json_file):
+@dtype_option()
+def zeroshot_cmd(model, data, classnames, templates, limit, batch_size, device, workers, json_file, dtype):
     """Zero-shot top-1/top-5 of MODEL on an ImageFolder tree DATA (one subfolder per class).
 
     MODEL: a vistok tokenizer with a text tower, or open_clip:ARCH@WEIGHTS_FILE as a baseline.
@@ -174,7 +176,7 @@ def zeroshot_cmd(model, data, classnames, templates, limit, batch_size, device, 
 
     check_device(device)
     out = bench_zeroshot(model, data, classnames=classnames, templates=templates, limit=limit,
-                         batch_size=batch_size, device=device, workers=workers)
+                         batch_size=batch_size, device=device, dtype=dtype, workers=workers)
     rows = [{"metric": "top1", "value": out["top1"], "protocol": f"{out['classes']} classes, {templates} templates"},
             {"metric": "top5", "value": out["top5"], "protocol": f"top-{out['settings']['top5_k']}"}]
     _report(rows + _count_rows(out), out, json_file)
@@ -187,12 +189,13 @@ def zeroshot_cmd(model, data, classnames, templates, limit, batch_size, device, 
               help='.jsonl ({"image": path, "captions": [...]} per line) or .csv (image,caption rows); image '
                    "paths relative to DATA")
 @_common(batch_size=64)
-def retrieval_cmd(model, data, captions, limit, batch_size, device, workers, json_file):
+@dtype_option()
+def retrieval_cmd(model, data, captions, limit, batch_size, device, workers, json_file, dtype):
     """Image->text and text->image recall@1/5/10 of MODEL on the captioned images in DATA."""
     from ..bench.api import bench_retrieval
 
     check_device(device)
-    out = bench_retrieval(model, data, captions, limit=limit, batch_size=batch_size, device=device,
+    out = bench_retrieval(model, data, captions, limit=limit, batch_size=batch_size, device=device, dtype=dtype,
                           workers=workers)
     rows = [{"metric": k, "value": v, "protocol": ("any caption of the image in the top K" if k.startswith("i2t")
                                                     else "the caption's image in the top K")}
@@ -206,12 +209,13 @@ def retrieval_cmd(model, data, captions, limit, batch_size, device, workers, jso
 @click.argument("model")
 @click.argument("data")
 @_common(batch_size=16)
-def codebook_cmd(model, data, limit, batch_size, device, workers, json_file):
+@dtype_option()
+def codebook_cmd(model, data, limit, batch_size, device, workers, json_file, dtype):
     """Per codebook and depth: usage, perplexity and dead codes of MODEL's ids on DATA."""
     from ..bench.api import bench_codebook
 
     check_device(device)
-    out = bench_codebook(model, data, limit=limit, batch_size=batch_size, device=device, workers=workers)
+    out = bench_codebook(model, data, limit=limit, batch_size=batch_size, device=device, dtype=dtype, workers=workers)
     columns = ["codebook", "depth", "size", "used", "usage", "perplexity", "dead", "tokens"]
     _report(out["codebooks"], out, json_file, columns=columns)
 

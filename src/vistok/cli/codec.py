@@ -9,12 +9,13 @@ from pathlib import Path
 
 import click
 
-from .common import SEED, load_model, refuse_dir_inside_inputs, refuse_overwrite
+from .common import SEED, device_option, dtype_option, load_model, refuse_dir_inside_inputs, refuse_overwrite
 from .output import log
 from .output import emit
 
 GRID_MAX = 16
-_device_option = click.option("--device", default="cpu", show_default=True, help="torch device")
+_device_option = device_option()
+_dtype_option = dtype_option()
 _batch_option = click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1))
 
 
@@ -103,9 +104,10 @@ def check_provenance(meta: dict, tok, file: str, model: str) -> None:
 @click.option("--seed", default=0, show_default=True, type=SEED, help="seed for --sample")
 @_batch_option
 @_device_option
+@_dtype_option
 @click.option("--json", "as_json", is_flag=True, help="JSON output")
 @_inference
-def encode_cmd(model, images, out, sample, seed, batch_size, device, as_json):
+def encode_cmd(model, images, out, sample, seed, batch_size, device, dtype, as_json):
     """Encode IMAGES (files or directories) with MODEL into ids or latents (safetensors)."""
     import torch
     from safetensors.torch import save_file
@@ -114,7 +116,7 @@ def encode_cmd(model, images, out, sample, seed, batch_size, device, as_json):
 
     files = _image_files(images)
     refuse_overwrite([out], files, "--out")
-    tok = load_model(model, device)
+    tok = load_model(model, device, dtype)
     options = {}
     if sample:
         if "sample" not in tok.encode_options:
@@ -150,8 +152,9 @@ def encode_cmd(model, images, out, sample, seed, batch_size, device, as_json):
 @click.option("--out-dir", required=True, type=click.Path(file_okay=False))
 @_batch_option
 @_device_option
+@_dtype_option
 @_inference
-def decode_cmd(model, file, out_dir, batch_size, device):
+def decode_cmd(model, file, out_dir, batch_size, device, dtype):
     """Decode a FILE written by `vistok encode` into PNG images in OUT_DIR."""
     from safetensors import safe_open
 
@@ -159,7 +162,7 @@ def decode_cmd(model, file, out_dir, batch_size, device):
 
     if not Path(file).is_file():
         raise FileNotFoundError(f"no such file: {file}")
-    tok = load_model(model, device)
+    tok = load_model(model, device, dtype)
     try:
         with safe_open(file, "pt") as f:
             meta = f.metadata() or {}
@@ -202,9 +205,10 @@ def decode_cmd(model, file, out_dir, batch_size, device):
               help=f"also write grid.png: original | reconstruction for the first {GRID_MAX} images")
 @_batch_option
 @_device_option
+@_dtype_option
 @click.option("--json", "as_json", is_flag=True, help="JSON output")
 @_inference
-def reconstruct_cmd(model, images, out_dir, grid, batch_size, device, as_json):
+def reconstruct_cmd(model, images, out_dir, grid, batch_size, device, dtype, as_json):
     """Encode and decode IMAGES; write reconstructions (and an original|reconstruction grid)."""
     import torch
     from torchvision.utils import make_grid
@@ -215,7 +219,7 @@ def reconstruct_cmd(model, images, out_dir, grid, batch_size, device, as_json):
     out = Path(out_dir)
     refuse_dir_inside_inputs(out, images, "--out-dir")
     refuse_overwrite([out / f"{f.stem}.png" for f in files] + ([out / "grid.png"] if grid else []), files, "--out-dir")
-    tok = load_model(model, device)
+    tok = load_model(model, device, dtype)
     out.mkdir(parents=True, exist_ok=True)
     pairs, rows = [], []
     with _progress(len(files), "reconstruct") as bar:
@@ -228,7 +232,7 @@ def reconstruct_cmd(model, images, out_dir, grid, batch_size, device, as_json):
                 rows.append({"image": f.name, "psnr": float(-10 * torch.log10(e.clamp_min(1e-10)))})
             room = GRID_MAX - len(pairs) // 2  # bounded memory however many images are reconstructed
             if grid and room > 0:
-                pairs.extend(torch.stack([pixels[:room].cpu(), recon[:room].cpu()], 1).flatten(0, 1))
+                pairs.extend(torch.stack([pixels[:room].float().cpu(), recon[:room].float().cpu()], 1).flatten(0, 1))
             bar.update(len(chunk))
     if grid:
         pixels_to_pil(make_grid(torch.stack(pairs), nrow=2, padding=2, pad_value=1.0))[0].save(out / "grid.png")

@@ -10,10 +10,35 @@ import click
 from .output import log
 
 
+def auto_device() -> str:
+    """cuda if a CUDA device is available, else cpu: what `--device auto` (the default) means."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _device_callback(ctx, param, value):
+    return auto_device() if value == "auto" else value
+
+
+def device_option(help_extra: str = ""):
+    """--device, default auto (cuda if available, else cpu); commands receive the resolved name."""
+    return click.option("--device", default="auto", show_default=True, callback=_device_callback,
+                        help="torch device: auto (cuda if available, else cpu), cpu, cuda, cuda:N" + help_extra)
+
+
+def dtype_option():
+    """--dtype fp32|bf16|fp16, default fp32: the dtype the model's weights are cast to."""
+    return click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
+                        help="model dtype (weights cast after loading; inputs follow the model)")
+
+
 def check_device(device: str):
     """`--device` as a torch.device; ValueError when it is malformed or names a CUDA device this machine lacks."""
     import torch
 
+    if device == "auto":
+        device = auto_device()
     try:
         dev = torch.device(device)
     except RuntimeError:
@@ -25,15 +50,17 @@ def check_device(device: str):
     return dev
 
 
-def load_model(spec: str, device: str = "cpu"):
-    """A release directory, hf-hub:ORG/NAME, or a preset name (random weights, with a warning)."""
-    from ..tokenizers.registry import HF_HUB_PREFIX, resolve_tokenizer
+def load_model(spec: str, device: str = "auto", dtype: str = "fp32"):
+    """A release directory, hf-hub:ORG/NAME, or a preset name (random weights, with a warning), on `device`
+    (auto: cuda if available, else cpu) in `dtype` (fp32, bf16, fp16)."""
+    from ..tokenizers.registry import HF_HUB_PREFIX, resolve_dtype, resolve_tokenizer
 
     dev = check_device(device)
+    torch_dtype = resolve_dtype(dtype)
     tok = resolve_tokenizer(spec)
     if not spec.startswith(HF_HUB_PREFIX) and not Path(spec).exists():
         log(f"warning: {spec} is a preset with random weights (pass a release directory for trained weights)")
-    return tok.to(dev).eval()
+    return tok.to(device=dev, dtype=torch_dtype).eval()
 
 
 # ------------------------------------------------------------------------------------------ outputs

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .common import SEED, load_model
+from .common import SEED, device_option, load_model
 from .output import emit, log
 
 
@@ -24,7 +24,7 @@ from .output import emit, log
 @click.option("--seed", default=0, show_default=True, type=SEED, help="seed of the orders and the noise")
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1))
 @click.option("--out-dir", required=True, type=click.Path(file_okay=False), help="directory for the PNGs")
-@click.option("--device", default="cpu", show_default=True, help="torch device")
+@device_option()
 @click.option("--json", "as_json", is_flag=True, help="JSON output")
 def sample_cmd(model, class_labels, num_images, num_iter, cfg, cfg_schedule, temperature, num_sampling_steps, seed,
                batch_size, out_dir, device, as_json):

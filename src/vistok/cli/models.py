@@ -26,10 +26,12 @@ def list_models_cmd(pattern, as_json):
 @click.argument("model")
 @click.option("--json", "as_json", is_flag=True, help="JSON output")
 def info_cmd(model, as_json):
-    """Show a model's configuration: a preset name, a release directory or hf-hub:ORG/NAME."""
-    from ..tokenizers.registry import resolve_tokenizer
+    """Show a model's configuration: a preset name, a release directory or hf-hub:ORG/NAME[@REV].
 
-    tok = resolve_tokenizer(model)
+    Built with its parameters on the meta device: no weights are initialised or read."""
+    from ..tokenizers.registry import empty_tokenizer
+
+    tok = empty_tokenizer(model)
     cfg = tok.release_config()
     pp = tok.preprocess_config
     summary = {

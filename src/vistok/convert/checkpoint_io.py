@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..tokenizers.model_card import README_NAME, is_ours
+
 # re-exported: the readers moved down to vistok.weights, where tokenizers/ and losses/ import them
 from ..weights import (numpy_plain_globals, read_checkpoint, strip_prefixes, top_level_keys,  # noqa: F401
                        unwrap_state_dict)
@@ -13,8 +15,9 @@ from ..weights import (numpy_plain_globals, read_checkpoint, strip_prefixes, top
 
 def check_destination(dst: str | Path, kind: str) -> None:
     """Refuse a conversion's DST that would overwrite or mix with other files: DST must be new, empty,
-    or a release an earlier `vistok convert KIND` wrote (only config.json and model.safetensors, with
-    `source.kind == kind`), which converting again replaces. Called before anything is read or written."""
+    or a release an earlier `vistok convert KIND` wrote (only config.json, model.safetensors and vistok's own
+    README.md model card, with `source.kind == kind`), which converting again replaces. Called before anything
+    is read or written."""
     dst = Path(dst)
     if not dst.exists():
         return
@@ -27,7 +30,8 @@ def check_destination(dst: str | Path, kind: str) -> None:
         kind_there = json.loads((dst / "config.json").read_text()).get("source", {}).get("kind")
     except (OSError, ValueError, AttributeError):
         kind_there = None
-    if set(held) <= {"config.json", "model.safetensors"} and kind_there == kind:
+    ours = {"config.json", "model.safetensors"} | ({README_NAME} if is_ours(dst / README_NAME) else set())
+    if set(held) <= ours and kind_there == kind:
         return
     raise ValueError(f"destination {dst} is not empty and is not an earlier `vistok convert {kind}` release "
                      f"(it holds {held[:5]}{' ...' if len(held) > 5 else ''}); choose a new directory, "

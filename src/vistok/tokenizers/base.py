@@ -26,6 +26,7 @@ from ..images import ImageLike, PreprocessConfig, list_image_files, load_image, 
 # re-exported: these lived here before the weights helpers moved down to vistok.weights
 from ..weights import (CONFIG_NAME, WEIGHTS_NAME, CheckpointMismatchError, check_model_args,  # noqa: F401
                        load_state_dict_strict, read_release, read_release_config, register_tokenizer, tokenizer_class)
+from .frozen_config import FrozenConfig
 
 if TYPE_CHECKING:
     from .kl import DiagonalGaussian
@@ -113,9 +114,11 @@ class VisualTokenizer(nn.Module):
 
     # ----------------------------------------------------------------------------- config
     @property
-    def config(self) -> dict:
-        """Constructor arguments (JSON types) that rebuild this tokenizer."""
-        return json.loads(json.dumps(self._config_args))
+    def config(self) -> FrozenConfig:
+        """Constructor arguments (JSON types) that rebuild this tokenizer: a read-only dict that also reads as
+        attributes (`tok.config.scaling_factor`), equal to the plain dict and JSON-serialisable. Each access
+        is a fresh copy, so nothing done to it reaches the model."""
+        return FrozenConfig(json.loads(json.dumps(self._config_args)))
 
     @property
     def preprocess_config(self) -> PreprocessConfig:
@@ -400,34 +403,79 @@ class VisualTokenizer(nn.Module):
                 raise ValueError(f"{source}: {key} {config[key]!r} disagrees with the model built from model_args "
                                  f"({built[key]!r}); edit model_args, which is what loading uses")
 
-    def save_pretrained(self, directory: str | os.PathLike, *, extra: Optional[dict] = None) -> Path:
+    def save_pretrained(self, directory: str | os.PathLike, *, extra: Optional[dict] = None,
+                        model_card: bool = True) -> Path:
         """Write a release directory: `config.json` (`release_config()` updated with `extra`) +
-        `model.safetensors`, creating the directory. Each file is replaced atomically, weights first, so an
-        interrupted save never leaves a config pointing at partial weights; `load_tokenizer` reloads it
-        exactly. Returns the directory; raises OSError (the old files unchanged) when a file cannot be written."""
+        `model.safetensors` (+ a `README.md` model card), creating the directory. Each file is replaced
+        atomically, weights first, so an interrupted save never leaves a config pointing at partial weights;
+        `load_tokenizer` reloads it exactly.
+
+        `extra` adds top-level keys to config.json; the model card shows `preset`, `trained_steps`,
+        `training` (dict), `metrics` (held-out, dict) and `source` from them. A README.md that vistok did not
+        write is never replaced (`model_card=False` writes none). Returns the directory; raises OSError (the
+        old files unchanged) when a file cannot be written."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         config = self.release_config()
+        if getattr(self, "preset_name", None):
+            config["preset"] = self.preset_name
         if extra:
             config.update(extra)
         # both files are complete on disk before either replaces its predecessor; the inner context
         # exits first, so the weights are swapped in before the config that describes them
-        remove_stale_temps(directory, (CONFIG_NAME, WEIGHTS_NAME))  # left by a writer killed mid-save
+        remove_stale_temps(directory, (CONFIG_NAME, WEIGHTS_NAME, "README.md"))  # left by a writer killed mid-save
         try:
             with atomic_path(directory / CONFIG_NAME) as c_tmp, atomic_path(directory / WEIGHTS_NAME) as w_tmp:
                 save_model(self, str(w_tmp), metadata={"format": "pt", "vistok_version": __version__})
                 c_tmp.write_text(json.dumps(config, indent=2) + "\n")
+            if model_card:
+                self._write_model_card(directory, config)
         except Exception as exc:  # disk full: safetensors raises its own error type
             cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise OSError(f"could not write the release to {directory} ({cause}); nothing was lost: the files "
                           "that were there are unchanged") from exc
         return directory
 
+    @staticmethod
+    def _write_model_card(directory: Path, config: dict, repo_id: Optional[str] = None) -> None:
+        from .model_card import README_NAME, is_ours, model_card
+
+        readme = directory / README_NAME
+        if is_ours(readme):
+            with atomic_path(readme) as tmp:
+                tmp.write_text(model_card(config, repo_id))
+
+    def push_to_hub(self, repo_id: str, *, revision: Optional[str] = None, private: Optional[bool] = None,
+                    token: Optional[str] = None, commit_message: str = "Upload vistok tokenizer",
+                    create_pr: bool = False, extra: Optional[dict] = None):
+        """Save this tokenizer (config.json, model.safetensors, README.md model card) to a temporary folder and
+        upload it to the Hugging Face Hub repository `repo_id` ("org/name"), creating the repository if needed
+        (huggingface_hub's `HfApi.create_repo` + `HfApi.upload_folder`; `token` defaults to the logged-in one).
+        Load it back with `load_tokenizer("hf-hub:org/name")` once `hf download` has put it in the cache.
+        Returns huggingface_hub's CommitInfo; network and permission errors are huggingface_hub's."""
+        import tempfile
+
+        from huggingface_hub import HfApi
+
+        if not isinstance(repo_id, str) or repo_id.count("/") != 1 or not all(repo_id.split("/")):
+            raise ValueError(f"repo_id must be 'org/name', got {repo_id!r}")
+        api = HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        if revision is not None and not create_pr:
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="vistok-push-") as tmp:
+            self.save_pretrained(tmp, extra=extra, model_card=False)
+            config = json.loads((Path(tmp) / CONFIG_NAME).read_text())
+            self._write_model_card(Path(tmp), config, repo_id=repo_id)
+            return api.upload_folder(repo_id=repo_id, folder_path=tmp, revision=revision,
+                                     commit_message=commit_message, create_pr=create_pr)
+
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **kwargs) -> "VisualTokenizer":
-        """`load_tokenizer(path, **kwargs)` (a release directory or `hf-hub:org/name`, loaded strictly, in
-        eval mode) that also checks the class: ValueError when `path` holds another tokenizer class, besides
-        what `load_tokenizer` raises (FileNotFoundError, ValueError, CheckpointMismatchError)."""
+        """`load_tokenizer(path, **kwargs)` (a release directory or `hf-hub:org/name[@revision]`; `revision=`,
+        `device=`, `dtype=`; loaded strictly, in eval mode) that also checks the class: ValueError when `path`
+        holds another tokenizer class, besides what `load_tokenizer` raises (FileNotFoundError, ValueError,
+        CheckpointMismatchError)."""
         from .registry import load_tokenizer
 
         tok = load_tokenizer(path, **kwargs)

@@ -627,17 +627,22 @@ class Trainer:
         summary.update(steps=self.step, seconds=round(time.time() - started, 1), skipped_images=self.skipped_total,
                        psnr_after=scores["psnr"] if scores else None)
         if t.export and self.dist.main:
+            # psnr_after scores the trained weights, not their EMA: recorded only for what it measured
+            held_out = {"heldout_psnr": summary["psnr_after"]} if summary["psnr_after"] is not None and \
+                self.ema is None else None
             summary["export"] = str(export_run(self.out, self.out / "export", ema=self.ema is not None,
-                                                  log=self.log))
+                                               log=self.log, metrics=held_out))
         return summary
 
 
 # ---------------------------------------------------------------------------------------------- export
 def export_run(run_dir: str | os.PathLike, dst: str | os.PathLike, *, step: Optional[int] = None,
-               ema: bool = False, log=None) -> Path:
+               ema: bool = False, log=None, metrics: Optional[dict] = None) -> Path:
     """A run's checkpoint (latest or `step`) -> a release directory for inference (the family's
-    training-only parts, e.g. DualToken's teacher, left out). Without `step`, an unreadable latest
-    checkpoint (e.g. truncated) falls back to the newest readable one, said through `log`."""
+    training-only parts, e.g. DualToken's teacher, left out). The release's config.json and model card
+    record the steps, the training data and batch size, and `metrics` (held-out scores of these weights).
+    Without `step`, an unreadable latest checkpoint (e.g. truncated) falls back to the newest readable one,
+    said through `log`."""
     from .config import build_config
 
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -666,7 +671,11 @@ def export_run(run_dir: str | os.PathLike, dst: str | os.PathLike, *, step: Opti
     model = build_model(cfg, overrides=objective.export_overrides, load_init=False)
     state = {k: v for k, v in state.items() if not k.startswith(objective.export_drop_prefixes)}
     load_state_dict_strict(model, state, target=f"export of {path}")
-    model.save_pretrained(dst, extra={"trained_steps": int(path.name.split("_")[1])})
+    steps = int(path.name.split("_")[1])
+    training = {"data": cfg.data.source, "steps": steps, "batch_size": cfg.train.batch_size,
+                "weights": "ema" if ema else "model"}
+    extra = {"trained_steps": steps, "training": training}
+    model.save_pretrained(dst, extra={**extra, **({"metrics": metrics} if metrics else {})})
     return Path(dst)
 
 
