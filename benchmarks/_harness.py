@@ -113,7 +113,11 @@ def parse_args(ap, configs) -> "argparse.Namespace":
 def run_all(script: str, names, args, log) -> dict:
     """Run every configuration (and "check") in its own subprocess with the same options; collect
     their JSON lines."""
-    passthrough = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k != "only" and v is not None]
+    def flag(k, v):  # booleans are argparse.BooleanOptionalAction flags: --name / --no-name
+        name = k.replace("_", "-")
+        return (f"--{name}" if v else f"--no-{name}") if isinstance(v, bool) else f"--{name}={v}"
+
+    passthrough = [flag(k, v) for k, v in vars(args).items() if k != "only" and v is not None]
     results = {}
     for name in (*names, "check"):
         log(f"running {name} in a subprocess")

@@ -105,8 +105,9 @@ def nearest_code(x: torch.Tensor, codebook: torch.Tensor, chunk_size: Optional[i
 
 
 def _exact_search(x: torch.Tensor, codebook: torch.Tensor, sq_norms: torch.Tensor) -> torch.Tensor:
-    """fp32 scores ||c||^2 - 2 x.c from one addmm, then argmin (first minimum on ties)."""
-    return torch.addmm(sq_norms[None], x, codebook.T, beta=1, alpha=-2).argmin(-1)
+    """fp32 scores ||c||^2 - 2 x.c from one addmm, then argmin (first minimum on ties). The 1-D bias
+    lets cuBLASLt add it in the GEMM's epilogue."""
+    return torch.addmm(sq_norms, x, codebook.T, beta=1, alpha=-2).argmin(-1)
 
 
 def _fallback_search(x: torch.Tensor, codebook: torch.Tensor, sq_norms: torch.Tensor) -> torch.Tensor:
@@ -140,11 +141,11 @@ def _score_function(codebook: torch.Tensor, sq_norms: torch.Tensor, mode: str):
         book_t = codebook.T.bfloat16()
         return lambda x: torch.addmm(bias, x.bfloat16(), book_t, beta=1, alpha=-2, out_dtype=torch.float32)
     if mode == "tfloat32" and cuda:
-        book_t = codebook.T
+        book_t = (-2 * codebook).T  # -2 folded in exactly; 1-D bias: one fused cuBLASLt GEMM + bias
 
         def tf32(x):
             with _tf32_matmul():
-                return torch.addmm(bias, x, book_t, beta=1, alpha=-2)
+                return torch.addmm(sq_norms, x, book_t)
         return tf32
     if mode == "float32":  # an fp32 product the backend may round: take it as it is
         return lambda x: torch.addmm(bias, x, codebook.T, beta=1, alpha=-2)
