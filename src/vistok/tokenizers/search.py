@@ -35,8 +35,8 @@ import torch
 
 SCORE_DTYPES = ("auto", "float32", "tfloat32", "bfloat16")
 DEFAULT_CANDIDATES = 8
-# score-matrix elements per chunk: 16 Mi (64 MiB of fp32 scores) on the CPU, 64 Mi (256 MiB) elsewhere
-CPU_CHUNK_ELEMENTS, DEVICE_CHUNK_ELEMENTS = 1 << 24, 1 << 26
+# score-matrix elements per chunk: 16 Mi (64 MiB of fp32 scores) on the CPU, 128 Mi (512 MiB) elsewhere
+CPU_CHUNK_ELEMENTS, DEVICE_CHUNK_ELEMENTS = 1 << 24, 1 << 27
 _INPUT_ROUNDOFF = {"tfloat32": 2.0**-11, "bfloat16": 2.0**-8, "float32": 2.0**-8}  # float32: when inexact
 _SAFETY = 2.0  # headroom for truncating conversions, reduced-precision split-K reductions, blocking orders
 
@@ -74,7 +74,7 @@ def nearest_code(x: torch.Tensor, codebook: torch.Tensor, chunk_size: Optional[i
     """Index of the nearest code (squared L2) for every row.
 
     x: (N, d) float; codebook: (K, d) float, same device (the exact parts run in fp32).
-    chunk_size: rows per GEMM (None: a 16 Mi-element score matrix on the CPU, 64 Mi on accelerators).
+    chunk_size: rows per GEMM (None: a 16 Mi-element score matrix on the CPU, 128 Mi on accelerators).
     score_dtype: "auto" / None ("tfloat32" on CUDA, "float32" elsewhere), "float32", "tfloat32",
     "bfloat16". candidates: fast-score candidates re-ranked in fp32 (fast modes only).
     Returns int64 (N,) in [0, K); ties go to the lowest index. Runs without autocast and without grad.
@@ -96,11 +96,17 @@ def nearest_code(x: torch.Tensor, codebook: torch.Tensor, chunk_size: Optional[i
         x, codebook = x.float(), codebook.float()
         sq_norms = codebook.pow(2).sum(-1)
         if mode == "float32" and fp32_matmul_is_exact(x.device):
-            search = _exact_search
-        else:
-            search = _certified_search(codebook, sq_norms, mode, candidates)
+            for start in range(0, x.shape[0], chunk):
+                out[start:start + chunk] = _exact_search(x[start:start + chunk], codebook, sq_norms)
+            return out
+        search = _certified_search(codebook, sq_norms, mode, candidates)
+        unsure = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
         for start in range(0, x.shape[0], chunk):
-            out[start:start + chunk] = search(x[start:start + chunk], codebook, sq_norms)
+            out[start:start + chunk], unsure[start:start + chunk] = search(x[start:start + chunk], codebook, sq_norms)
+        rows = unsure.nonzero().flatten()  # one host sync per call, not per chunk
+        for start in range(0, rows.numel(), chunk):
+            part = rows[start:start + chunk]
+            out[part] = _fallback_search(x[part], codebook, sq_norms)
     return out
 
 
@@ -162,19 +168,17 @@ def _certified_search(codebook: torch.Tensor, sq_norms: torch.Tensor, mode: str,
     if mode != "bfloat16" and torch.get_float32_matmul_precision() == "medium":
         u = _INPUT_ROUNDOFF["bfloat16"]  # "medium" lets fp32 products run in bf16
 
-    def search(x: torch.Tensor, codebook: torch.Tensor, sq_norms: torch.Tensor) -> torch.Tensor:
+    def search(x: torch.Tensor, codebook: torch.Tensor, sq_norms: torch.Tensor):
+        """-> ids from the re-ranked candidates, and the rows whose candidates are not certified."""
         fast, cand = scores_of(x).topk(k, dim=-1, largest=False, sorted=True)
         ids = _rerank(x, codebook, sq_norms, cand)
         if k == codebook.shape[0]:
-            return ids
+            return ids, torch.zeros_like(ids, dtype=torch.bool)
         # |fast - exact| per score <= err: both inputs rounded (2u + u^2 relative on each product),
         # fp32 accumulation over d terms and the bias add, fp32 output rounding
         dot_bound = 2 * x.norm(dim=-1) * code_norm  # >= |2 x.c| for every code
         err = _SAFETY * ((2 * u + u * u + (d + 2) * 2.0**-24) * dot_bound + 2.0**-23 * bias_max)
-        unsure = (fast[:, -1] - fast[:, 0] <= 2 * err).nonzero().flatten()
-        if unsure.numel():
-            ids[unsure] = _fallback_search(x[unsure], codebook, sq_norms)
-        return ids
+        return ids, fast[:, -1] - fast[:, 0] <= 2 * err
 
     return search
 
@@ -184,3 +188,13 @@ def _rerank(x: torch.Tensor, codebook: torch.Tensor, sq_norms: torch.Tensor, can
     exact = sq_norms[cand] - 2 * (x[:, None, :] * codebook[cand]).sum(-1)
     best = exact.min(-1, keepdim=True).values
     return torch.where(exact == best, cand, codebook.shape[0]).min(-1).values
+
+
+def set_search_dtype(module: torch.nn.Module, score_dtype: str) -> int:
+    """Set `search_dtype` on every quantizer inside `module` (e.g. a whole tokenizer); returns how many.
+    Raises ValueError for a score_dtype not in SCORE_DTYPES."""
+    resolve_score_dtype(score_dtype, torch.device("cpu"))
+    found = [m for m in module.modules() if hasattr(m, "search_dtype")]
+    for m in found:
+        m.search_dtype = score_dtype
+    return len(found)
