@@ -349,8 +349,12 @@ class ResidualQuantizer(nn.Module):
                              f"(pass the first 1..{self.depth} depths)")
         if ids.numel() and (ids.min() < 0 or ids.max() >= self.codebook_size):
             raise ValueError(f"ids out of range [0, {self.codebook_size}): min {int(ids.min())}, max {int(ids.max())}")
-        codes = torch.stack([self.embed[self.book_of(d)][ids[..., d].long()] for d in range(k)])
-        return codes if per_depth else codes.sum(0)
+        ids = ids.long()
+        if self.shared_codebook:  # one gather for all depths
+            codes = self.embed[0][ids]  # (..., k, c)
+        else:
+            codes = self.embed[torch.arange(k, device=ids.device), ids]  # depth d from codebook d
+        return codes.movedim(-2, 0) if per_depth else codes.sum(-2)
 
     def decode(self, ids: torch.Tensor) -> torch.Tensor:
         """ids (..., k) -> quantized vectors (..., dim) from the first k depths: the eval forward's
