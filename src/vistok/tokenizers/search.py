@@ -35,8 +35,9 @@ import torch
 
 SCORE_DTYPES = ("auto", "float32", "tfloat32", "bfloat16")
 DEFAULT_CANDIDATES = 8
-# score-matrix elements per chunk: 16 Mi (64 MiB of fp32 scores) on the CPU, 128 Mi (512 MiB) elsewhere
-CPU_CHUNK_ELEMENTS, DEVICE_CHUNK_ELEMENTS = 1 << 24, 1 << 27
+# score-matrix elements per chunk: 1 Mi (4 MiB of fp32 scores, cache-resident for the argmin: 2x faster
+# than 64 MiB chunks on a CPU core) on the CPU, 128 Mi (512 MiB: few launches) on accelerators
+CPU_CHUNK_ELEMENTS, DEVICE_CHUNK_ELEMENTS = 1 << 20, 1 << 27
 _INPUT_ROUNDOFF = {"tfloat32": 2.0**-11, "bfloat16": 2.0**-8, "float32": 2.0**-8}  # float32: when inexact
 _SAFETY = 2.0  # headroom for truncating conversions, reduced-precision split-K reductions, blocking orders
 
@@ -74,7 +75,7 @@ def nearest_code(x: torch.Tensor, codebook: torch.Tensor, chunk_size: Optional[i
     """Index of the nearest code (squared L2) for every row.
 
     x: (N, d) float; codebook: (K, d) float, same device (the exact parts run in fp32).
-    chunk_size: rows per GEMM (None: a 16 Mi-element score matrix on the CPU, 128 Mi on accelerators).
+    chunk_size: rows per GEMM (None: a 1 Mi-element score matrix on the CPU, 128 Mi on accelerators).
     score_dtype: "auto" / None ("tfloat32" on CUDA, "float32" elsewhere), "float32", "tfloat32",
     "bfloat16". candidates: fast-score candidates re-ranked in fp32 (fast modes only).
     Returns int64 (N,) in [0, K); ties go to the lowest index. Runs without autocast and without grad.
