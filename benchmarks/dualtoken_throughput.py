@@ -185,6 +185,7 @@ def main() -> None:
     ap.add_argument("--compile", action=flag, default=False, help="torch.compile the training forward")
     ap.add_argument("--fused", action=flag, default=True, help="fused AdamW (CUDA)")
     ap.add_argument("--skip-train", action=flag, default=False)
+    ap.add_argument("--skip-encode", action=flag, default=False, help="matmul and train only")
     ap.add_argument("--size", type=int, default=None, help=argparse.SUPPRESS)  # set from the preset
     args = parse_args(ap, CONFIGS)
     for key, value in DEFAULTS[args.device].items():
@@ -200,28 +201,32 @@ def main() -> None:
 
     import torch
 
-    names = [n for n in CONFIGS if not (args.skip_train and n == "train")]
-    results = run_all(__file__, names, args, log)
+    skip = {"train"} if args.skip_train else set()
+    skip |= {"tower", "encode"} if args.skip_encode else set()
+    results = run_all(__file__, [n for n in CONFIGS if n not in skip], args, log)
     results.pop("check", None)
-    mm, tower, enc = results["matmul"], results["tower"], results["encode"]
+    mm, tower, enc = results["matmul"], results.get("tower"), results.get("encode")
     train = results.get("train")
     rate = mm["tflop_per_s"]
-    out = {"encode_ratio_vs_tower": enc["images_per_s"] / tower["images_per_s"],
-           "encode_ratio_vs_tower_cpu_time": tower["median_cpu_s"] / enc["median_cpu_s"],  # steadier on a busy CPU
-           "encode_images_per_s": enc["images_per_s"], "tower_images_per_s": tower["images_per_s"],
-           "matmul_tflop_per_s": rate, "train_mfu": None, "train_peak_gib": None}
+    out = {"encode_ratio_vs_tower": None, "matmul_tflop_per_s": rate, "train_mfu": None, "train_peak_gib": None}
+    if enc:
+        out.update(encode_ratio_vs_tower=enc["images_per_s"] / tower["images_per_s"],
+                   encode_ratio_vs_tower_cpu_time=tower["median_cpu_s"] / enc["median_cpu_s"],  # steadier on a busy CPU
+                   encode_images_per_s=enc["images_per_s"], tower_images_per_s=tower["images_per_s"])
     if train:
         achieved = train["flops_per_step"] / train["median_s"] / 1e12
-        out.update(train_step_s=train["median_s"], train_tflop_per_step=train["flops_per_step"] / 1e12,
+        out.update(train_step_s=train["median_s"], train_step_cpu_s=train["median_cpu_s"], train_tflop_per_step=train["flops_per_step"] / 1e12,
                    train_tflop_per_s=achieved, train_mfu=achieved / rate, train_peak_gib=train["train_peak_gib"])
 
-    print(f"{args.device}, {args.preset}, {args.precision}, {tower['threads']} thread(s), median of {args.repeats}")
+    print(f"{args.device}, {args.preset}, {args.precision}, {mm['threads']} thread(s), median of {args.repeats}")
     print(f"{'what':<10} {'median s':>9} {'images/s':>9} {'peak MiB':>9}  note")
     print(f"{'matmul':<10} {mm['median_s']:>9.4f} {'':>9} {'':>9}  {args.matmul_size}^3 {mm['dtype']}: {rate:.3f} TFLOP/s")
-    for r, batch in ((tower, args.batch), (enc, args.batch)):
-        print(f"{r['config']:<10} {r['median_s']:>9.3f} {r['images_per_s']:>9.2f} {r['peak_growth_mib']:>9.1f}  batch {batch}")
-    print(f"encode / tower images/s = {out['encode_ratio_vs_tower']:.3f} (by process CPU time: "
-          f"{out['encode_ratio_vs_tower_cpu_time']:.3f})")
+    if enc:
+        for r in (tower, enc):
+            print(f"{r['config']:<10} {r['median_s']:>9.3f} {r['images_per_s']:>9.2f} {r['peak_growth_mib']:>9.1f}  "
+                  f"batch {args.batch}")
+        print(f"encode / tower images/s = {out['encode_ratio_vs_tower']:.3f} (by process CPU time: "
+              f"{out['encode_ratio_vs_tower_cpu_time']:.3f})")
     if train:
         print(f"{'train':<10} {train['median_s']:>9.3f} {args.train_batch / train['median_s']:>9.2f} "
               f"{train['peak_growth_mib']:>9.1f}  batch {args.train_batch}: {out['train_tflop_per_step']:.3f} TFLOP "
