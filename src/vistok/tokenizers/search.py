@@ -144,9 +144,9 @@ def _tf32_matmul():
 def _score_function(codebook: torch.Tensor, sq_norms: torch.Tensor, mode: str):
     """chunk -> fp32 scores (n, K) for a fast mode; the codebook is prepared once per call."""
     bias, cuda = sq_norms[None], codebook.is_cuda
-    if mode == "bfloat16" and cuda:
-        book_t = codebook.T.bfloat16()
-        return lambda x: torch.addmm(bias, x.bfloat16(), book_t, beta=1, alpha=-2, out_dtype=torch.float32)
+    if mode == "bfloat16" and cuda:  # bf16 inputs, fp32 accumulation and output (cublasGemmEx)
+        book_t = (-2 * codebook).T.bfloat16()
+        return lambda x: torch.mm(x.bfloat16(), book_t, out_dtype=torch.float32).add_(bias)
     if mode == "tfloat32" and cuda:
         book_t = (-2 * codebook).T  # -2 folded in exactly; 1-D bias: one fused cuBLASLt GEMM + bias
 
