@@ -215,6 +215,9 @@ def main() -> None:
                    encode_images_per_s=enc["images_per_s"], tower_images_per_s=tower["images_per_s"])
     if train:
         achieved = train["flops_per_step"] / train["median_s"] / 1e12
+        # the same ratio from process CPU times: on a busy CPU machine wall times mix in other load
+        cpu_mfu = (train["flops_per_step"] / train["median_cpu_s"]) / (rate * 1e12 * mm["median_s"] / mm["median_cpu_s"])
+        out.update(train_mfu_cpu_time=cpu_mfu if args.device == "cpu" else None)
         out.update(train_step_s=train["median_s"], train_step_cpu_s=train["median_cpu_s"], train_tflop_per_step=train["flops_per_step"] / 1e12,
                    train_tflop_per_s=achieved, train_mfu=achieved / rate, train_peak_gib=train["train_peak_gib"])
 
