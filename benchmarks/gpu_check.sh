@@ -9,7 +9,7 @@
 # file is its JSON. Usage:  bash benchmarks/gpu_check.sh [OUT_DIR]     (run from the repository root)
 set -u
 OUT_DIR=${1:-gpu_check_out}
-mkdir -p "$OUT_DIR"
+mkdir -p "$OUT_DIR" && OUT_DIR=$(cd "$OUT_DIR" && pwd)
 PY=${PYTHON:-python}
 cd "$(dirname "$0")/.."
 status=0
