@@ -1,5 +1,5 @@
 """DualToken throughput: `encode` against the bare SigLIP tower, and one training step's time, FLOPs, MFU and
-peak memory.
+peak memory (the training step also for the other trainable families: `--preset toklip-l-384`, `mar-kl16`).
 
 What it measures, on `--device` (cpu or cuda), for `--preset` with random weights (seeded), under bf16 autocast
 (`--precision bf16`, the training default; quantizers stay fp32) or fp32:
@@ -7,9 +7,10 @@ What it measures, on `--device` (cpu or cuda), for `--preset` with random weight
             attention-pool head) on a batch of `--batch` random images, under `torch.inference_mode()`;
   * encode: `tok.encode(x)` on the same batch: the same tower with the pixel and semantic branches (projections,
             two residual quantizers, the up projection replacing the deep hidden state);
-  * train:  one training step at `--train-batch`: the trainer's DualToken objective (`vistok.train.objectives`,
-            LPIPS off, GAN and its adaptive weight on from step 0) forward + backward, the discriminator's loss
-            + backward, AdamW steps (fused on CUDA unless `--no-fused`); options `--grad-checkpointing` (tower and
+  * train:  one training step at `--train-batch`: the trainer's objective of the preset's family
+            (`vistok.train.objectives`; LPIPS off; the GAN and its adaptive weight on from step 0; TokLIP's
+            contrastive + distillation loss against its frozen text tower on random caption token ids)
+            forward + backward, the discriminator's loss + backward, AdamW steps (fused on CUDA unless `--no-fused`); options `--grad-checkpointing` (tower and
             pixel decoder), `--channels-last` (CUDA), `--compile`;
   * matmul: a square `--matmul-size` matrix product in the step's dtype (bf16 for `--precision bf16`), the rate
             the MFU is measured against.
@@ -40,6 +41,10 @@ import time
 from _harness import make_logger, measure, parse_args, run_all, run_worker
 
 CONFIGS = ("matmul", "tower", "encode", "train")
+# training objectives as the trainer builds them, LPIPS off (its VGG weights are a separate download);
+# the GAN (and KL's from step 0) on
+NO_LPIPS = {"dualtoken": {"lpips_weight": 0.0}, "kl": {"perceptual_weight": 0.0, "disc_start": 0},
+            "vqgan": {"perceptual_weight": 0.0}}
 SEED = 0
 DEFAULTS = {"cuda": {"preset": "dualtoken-so400m-384", "batch": 32, "train_batch": 16, "matmul_size": 8192},
             "cpu": {"preset": "dualtoken-siglip-l16-256", "batch": 2, "train_batch": 1, "matmul_size": 2048}}
@@ -54,13 +59,24 @@ def autocast(args):
     return torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.precision == "bf16")
 
 
+def family_of(preset: str) -> str:
+    from vistok.tokenizers.base import tokenizer_class
+    from vistok.tokenizers.registry import get_preset
+
+    return tokenizer_class(get_preset(preset)["class"]).family
+
+
 def build(args, *, train: bool):
     import torch
     import vistok
 
     torch.manual_seed(SEED)
-    tok = vistok.create_tokenizer(args.preset, with_text=False, with_teacher=train,
-                                  grad_checkpointing=train and args.grad_checkpointing)
+    family = family_of(args.preset)
+    kwargs = {}
+    if family in ("dualtoken", "toklip"):  # TokLIP's frozen text tower gives the contrastive targets
+        kwargs.update(with_text=family == "toklip" and train, with_teacher=train,
+                      grad_checkpointing=train and args.grad_checkpointing)
+    tok = vistok.create_tokenizer(args.preset, **kwargs)
     return tok.to(args.device).train(train)
 
 
@@ -109,10 +125,11 @@ def make_train_step(args):
         speed = None
     device = torch.device(args.device)
     tok = build(args, train=True)
-    objective = objective_class("dualtoken")({"lpips_weight": 0.0})
+    family = tok.family
+    objective = objective_class(family)(NO_LPIPS.get(family, {}))
     objective.loss.to(device)
-    disc = objective.discriminator
-    params = [p for p in tok.parameters() if p.requires_grad]
+    disc = objective.discriminator or torch.nn.Linear(1, 1).to(device)  # TokLIP: no discriminator
+    params = [p for p in tok.parameters() if p.requires_grad] + objective.extra_parameters()
     if speed is not None:
         if args.channels_last:
             speed.channels_last(tok, disc, device=device)
@@ -124,13 +141,25 @@ def make_train_step(args):
         d_opt = torch.optim.AdamW(disc.parameters(), lr=1e-5, betas=(0.5, 0.9))
     x = images(args, args.train_batch)
 
+    if family == "toklip":  # random caption token ids: the SigLIP2 text tokenizer files are not offline
+        g = torch.Generator().manual_seed(SEED + 2)
+        tokens = torch.randint(1, 1000, (args.train_batch, tok.siglip.context_length), generator=g).to(device)
+
+        def generator_step(model, raw_model, pixels, step):
+            out = model(pixels)
+            with torch.no_grad():
+                text = raw_model.encode_text(tokens, normalize=False)
+            return objective.loss(raw_model, out, text, step=step), out
+    else:
+        generator_step = objective.generator_step
+
     def step_with(forward_model):
         def step():
             with autocast(args):
-                loss, out = objective.generator_step(forward_model, tok, x, 0)
+                loss, out = generator_step(forward_model, tok, x, 0)
             loss.total.backward()
             with autocast(args):
-                d_loss = objective.discriminator_loss(out, x, 0)
+                d_loss = objective.discriminator_loss(out, x, 0) if disc is objective.discriminator else None
             if d_loss is not None:
                 d_loss.backward()
             opt.step()
@@ -192,9 +221,12 @@ def main() -> None:
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.size is None:
+        from vistok.tokenizers.base import tokenizer_class
         from vistok.tokenizers.registry import get_preset
 
-        args.size = get_preset(args.preset)["args"].get("preprocess", {}).get("image_size", 384)
+        preset = get_preset(args.preset)
+        default = tokenizer_class(preset["class"]).default_preprocess["image_size"]
+        args.size = (preset["args"].get("preprocess") or {}).get("image_size", default)
 
     if run_worker(args, run_config, lambda a: {}):  # a `--only` subprocess
         return
@@ -202,7 +234,8 @@ def main() -> None:
     import torch
 
     skip = {"train"} if args.skip_train else set()
-    skip |= {"tower", "encode"} if args.skip_encode else set()
+    # encode vs tower is DualToken's question; other families (toklip-l-384, mar-kl16) train only
+    skip |= {"tower", "encode"} if args.skip_encode or family_of(args.preset) != "dualtoken" else set()
     results = run_all(__file__, [n for n in CONFIGS if n not in skip], args, log)
     results.pop("check", None)
     mm, tower, enc = results["matmul"], results.get("tower"), results.get("encode")

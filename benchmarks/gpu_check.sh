@@ -4,7 +4,7 @@
 #      fp32 search's ids on the real presets (benchmarks/search_check.py), plus the CPU-forced tests;
 #   2. benchmarks/quantizer.py --device cuda (residual and VQGAN search vs vector-quantize-pytorch);
 #   3. benchmarks/dualtoken_throughput.py --device cuda: defaults, then checkpointing (tower + decoder) with
-#      channels-last, then the same with torch.compile.
+#      channels-last, then the same with torch.compile; then the TokLIP-L-384 and MAR KL-16 training steps.
 # Each step's output goes to $OUT_DIR/<step>.txt (default: ./gpu_check_out); the last line of each benchmark
 # file is its JSON. Usage:  bash benchmarks/gpu_check.sh [OUT_DIR]     (run from the repository root)
 set -u
@@ -31,4 +31,8 @@ run throughput_ckpt $PY benchmarks/dualtoken_throughput.py --device cuda --repea
   --grad-checkpointing --channels-last
 run throughput_compile $PY benchmarks/dualtoken_throughput.py --device cuda --repeats 5 --warmup 3 \
   --grad-checkpointing --channels-last --compile
+run train_toklip $PY benchmarks/dualtoken_throughput.py --device cuda --preset toklip-l-384 --repeats 3 --warmup 2 \
+  --grad-checkpointing --channels-last
+run train_mar_kl16 $PY benchmarks/dualtoken_throughput.py --device cuda --preset mar-kl16 --repeats 3 --warmup 2 \
+  --channels-last
 exit $status
