@@ -74,3 +74,23 @@ def test_cuda_only_options_fall_back_on_the_cpu():
     dec.to(memory_format=torch.channels_last)
     assert dec.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(dec.conv_in.weight, before)
+
+
+def test_decoder_group_norm_stays_in_bf16_under_autocast():
+    from vistok.tokenizers.decoders import GroupNorm
+
+    torch.manual_seed(0)
+    gn = GroupNorm(4, 32, eps=1e-6)
+    with torch.no_grad():
+        gn.weight.uniform_(0.5, 1.5)
+        gn.bias.uniform_(-0.5, 0.5)
+    ref = torch.nn.GroupNorm(4, 32, eps=1e-6)
+    ref.load_state_dict(gn.state_dict())  # same parameter names: checkpoints load either way
+    x = torch.randn(2, 32, 8, 8) * 3 + 1
+    torch.testing.assert_close(gn(x), ref(x), rtol=0, atol=0)  # no autocast: nn.GroupNorm exactly
+    xb = x.bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = gn(xb)
+    assert out.dtype == torch.bfloat16
+    # against the fp32 normalisation of the same bf16 input: within bf16 rounding of the output
+    torch.testing.assert_close(out.float(), ref(xb.float()), rtol=2**-7, atol=2**-7)
