@@ -48,27 +48,40 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def measure(step: Callable[[], object], *, name: str, warmup: int, repeats: int, log) -> dict:
-    """Time `repeats` calls of `step` after `warmup` untimed ones; wall and process CPU time, peak RSS."""
+def measure(step: Callable[[], object], *, name: str, warmup: int, repeats: int, log, device: str = "cpu") -> dict:
+    """Time `repeats` calls of `step` after `warmup` untimed ones; wall and process CPU time, peak RSS.
+    On CUDA each call is synchronised and `peak_growth_mib` is the caching allocator's peak over the timed
+    calls minus what was allocated before them (on the CPU: the peak RSS increase)."""
     import torch
 
+    cuda = device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     for _ in range(warmup):
         step()
+    sync()
     gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        allocated_before = torch.cuda.memory_allocated()
     rss_before, maxrss_before = _proc_status_mib("VmRSS"), _maxrss_mib()
     reset = rss_before is not None and _reset_peak_rss()
     times, cpu_times = [], []
     for i in range(repeats):
         t0, c0 = time.perf_counter(), time.process_time()
         out = step()
+        sync()
         times.append(time.perf_counter() - t0)
         cpu_times.append(time.process_time() - c0)
         del out
         log(f"{name}: repeat {i + 1}/{repeats} {times[-1]:.2f}s")
     hwm = _proc_status_mib("VmHWM") if reset else None
-    return {"config": name, "median_s": statistics.median(times), "mean_s": statistics.mean(times), "times_s": times,
+    rss_growth = hwm - rss_before if hwm is not None else _maxrss_mib() - maxrss_before
+    gpu_growth = (torch.cuda.max_memory_allocated() - allocated_before) / 2**20 if cuda else None
+    return {"config": name, "device": device, "median_s": statistics.median(times), "mean_s": statistics.mean(times),
+            "times_s": times, "peak_growth_mib": gpu_growth if cuda else rss_growth, "peak_gpu_growth_mib": gpu_growth,
             "median_cpu_s": statistics.median(cpu_times),  # process CPU time: less sensitive to other load
-            "peak_rss_growth_mib": hwm - rss_before if hwm is not None else _maxrss_mib() - maxrss_before,
+            "peak_rss_growth_mib": rss_growth,
             "peak_rss_method": "VmHWM-reset" if reset else "ru_maxrss-delta",
             "total_peak_rss_mib": _maxrss_mib(), "threads": torch.get_num_threads()}
 
@@ -100,7 +113,11 @@ def parse_args(ap, configs) -> "argparse.Namespace":
 def run_all(script: str, names, args, log) -> dict:
     """Run every configuration (and "check") in its own subprocess with the same options; collect
     their JSON lines."""
-    passthrough = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k != "only" and v is not None]
+    def flag(k, v):  # booleans are argparse.BooleanOptionalAction flags: --name / --no-name
+        name = k.replace("_", "-")
+        return (f"--{name}" if v else f"--no-{name}") if isinstance(v, bool) else f"--{name}={v}"
+
+    passthrough = [flag(k, v) for k, v in vars(args).items() if k != "only" and v is not None]
     results = {}
     for name in (*names, "check"):
         log(f"running {name} in a subprocess")

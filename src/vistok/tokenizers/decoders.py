@@ -13,10 +13,33 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+def _run(block: nn.Module, h: torch.Tensor, checkpointing: bool) -> torch.Tensor:
+    """block(h), recomputed in backward instead of keeping its activations when checkpointing
+    (training with grad only)."""
+    if checkpointing and block.training and torch.is_grad_enabled():
+        return checkpoint(block, h, use_reentrant=False)
+    return block(h)
+
+
+class GroupNorm(nn.GroupNorm):
+    """nn.GroupNorm that, under autocast with a half-precision input, normalises in that precision
+    (the kernel accumulates its statistics in fp32) instead of autocast's fp32 upcast on CUDA. The next
+    convolution casts to bf16 anyway, so the upcast only cost an fp32 copy of every activation in each
+    direction (the largest tensors of the pixel decoder); the result differs by bf16 rounding. Without
+    autocast, or with an fp32 input, it is nn.GroupNorm."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype in (torch.bfloat16, torch.float16) and torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(x.device.type, enabled=False):
+                return F.group_norm(x, self.num_groups, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
+        return super().forward(x)
 
 
 def _norm(channels: int, groups: int) -> nn.GroupNorm:
-    return nn.GroupNorm(groups, channels, eps=1e-6, affine=True)
+    return GroupNorm(groups, channels, eps=1e-6, affine=True)
 
 
 class ResnetBlock(nn.Module):
@@ -101,14 +124,15 @@ class _Level(nn.Module):
             self.add_module(name, resample)
         self._blocks_name = blocks_name
         self._resample_name = name if resample is not None else None
+        self.checkpointing = False
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         for i, block in enumerate(getattr(self, self._blocks_name)):
-            h = block(h)
+            h = _run(block, h, self.checkpointing)
             if len(self.attn):
-                h = self.attn[i](h)
+                h = _run(self.attn[i], h, self.checkpointing)
         if self._resample_name:
-            h = getattr(self, self._resample_name)(h)
+            h = _run(getattr(self, self._resample_name), h, self.checkpointing)
         return h
 
 
@@ -119,12 +143,13 @@ class _Mid(nn.Module):
         if attention:
             self.attn_1 = AttnBlock(channels, groups=groups)
         self.block_2 = ResnetBlock(channels, channels, groups=groups, dropout=dropout)
+        self.checkpointing = False
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        h = self.block_1(h)
+        h = _run(self.block_1, h, self.checkpointing)
         if hasattr(self, "attn_1"):
-            h = self.attn_1(h)
-        return self.block_2(h)
+            h = _run(self.attn_1, h, self.checkpointing)
+        return _run(self.block_2, h, self.checkpointing)
 
 
 class Encoder(nn.Module):
@@ -179,6 +204,17 @@ class Decoder(nn.Module):
         self.up = nn.ModuleList(levels)  # up[0] is the full-resolution level; run from the last
         self.norm_out = _norm(c_in, groups)
         self.conv_out = nn.Conv2d(c_in, out_channels, 3, padding=1)
+
+    @property
+    def grad_checkpointing(self) -> bool:
+        """Training recomputes every res-block, attention block and upsampler in backward instead of
+        keeping their activations (same outputs and gradients, less memory, ~1 more forward)."""
+        return self.mid.checkpointing
+
+    @grad_checkpointing.setter
+    def grad_checkpointing(self, on: bool) -> None:
+        for part in (self.mid, *self.up):
+            part.checkpointing = bool(on)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """z (B, z_channels, h, w) -> unclamped (B, out_channels, h*2^(L-1), w*2^(L-1))."""

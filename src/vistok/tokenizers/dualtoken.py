@@ -63,7 +63,8 @@ class DualTokenTokenizer(VisualTokenizer):
     follow the code's "rq" / "rq_ema"; projection "attention" (the code) or "linear";
     causal_post_projection: raster-causal up projections; decoder: the conv decoder's settings;
     decoder_latent_size: the grid is resized to this before decoding (27 -> 24 at 384 px);
-    with_teacher: keep the frozen teacher (needed for training only).
+    with_teacher: keep the frozen teacher (needed for training only); grad_checkpointing: recompute
+    the tower's blocks and the pixel decoder's blocks in backward (training memory).
     """
 
     family = "dualtoken"
@@ -155,6 +156,7 @@ class DualTokenTokenizer(VisualTokenizer):
         if with_teacher:
             self.teacher = self.siglip.teacher()
         self.siglip.grad_checkpointing = grad_checkpointing
+        self.decoder.grad_checkpointing = grad_checkpointing
 
     # ------------------------------------------------------------------ config / structure
     @property

@@ -21,7 +21,8 @@ vector-quantize-pytorch supplies k-means init and the rotation trick. Its Residu
 for the search in tests and benchmarks. It is not the engine here: with a shared codebook it mixes
 per-layer EMA steps, one renormalisation at the end and expiries at every layer (neither of
 DualToken's two schedules), starts counts at 1, has no unused-steps rule, caches its distributed
-check at construction and materialises several tokens x codes matrices per call.
+check at construction and materialises several tokens x codes matrices per call. The search is
+`search.nearest_code` (one GEMM per chunk, fast dtype on CUDA, exact fp32 ids).
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from .search import nearest_code, resolve_score_dtype
 
 COMMITMENT_FORMS = ("cumulative", "per_depth")
 RESTART_RULES = ("ema", "unused", "none")
@@ -67,26 +70,6 @@ def _distributed(sync: Optional[bool]) -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def nearest_code(x: torch.Tensor, codebook: torch.Tensor, chunk_size: int) -> torch.Tensor:
-    """argmin_j ||x_i - e_j|| for rows of x (N, d) against codebook (K, d), `chunk_size` rows at a time.
-
-    The distance is computed with the same expression and op order as vector-quantize-pytorch
-    (sqrt(clamp(|x|^2 + |e|^2 - 2 x.e, 1e-8))), so ids match it (only at float near-ties can a
-    different matmul blocking flip one); extra memory is O(chunk_size x K) instead of several N x K
-    matrices plus an N x K one-hot.
-    """
-    e2 = codebook.pow(2).sum(-1)
-    out = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
-    for start in range(0, x.shape[0], chunk_size):
-        xc = x[start:start + chunk_size]
-        xy = torch.einsum("b i d, b j d -> b i j", xc[None], codebook[None])[0].mul_(-2)
-        # (|x|^2 + |e|^2) + xy in the library's order, in place: two chunk-sized temporaries in all
-        dist_ = (xc.pow(2).sum(-1)[:, None] + e2[None]).add_(xy)
-        del xy
-        out[start:start + chunk_size] = dist_.clamp_(min=1e-8).sqrt_().argmin(-1)
-    return out
-
-
 class ResidualQuantizer(nn.Module):
     """Residual VQ with EMA codebooks (keyword-only; defaults follow DualToken's code).
 
@@ -98,7 +81,9 @@ class ResidualQuantizer(nn.Module):
     ema_schedule: "per_step" (one EMA update per forward from all depths, DualToken's "rq_ema") or
     "per_depth" (each depth looks up its code, then updates the codebook: DualToken's pixel "rq"); initial_cluster_size: EMA counts at
     the start (None: 0 as DualToken with the "ema" rule, else 1); sync_codebook: None decides at
-    every call (not cached) whether to all-reduce across ranks.
+    every call (not cached) whether to all-reduce across ranks; search_chunk_size (rows per search
+    GEMM, None: per device) and search_dtype ("auto": bf16 scores re-ranked in fp32 on CUDA, fp32
+    elsewhere; "float32"; "bfloat16"): the nearest-code search of `search.py`, same ids either way.
 
     Under DDP, every rank must run every training-mode forward of this module: the EMA statistics and
     restart draws are collectives inside forward, and a rank that skips one hangs the others.
@@ -126,6 +111,7 @@ class ResidualQuantizer(nn.Module):
         initial_cluster_size: Optional[float] = None,
         sync_codebook: Optional[bool] = None,
         search_chunk_size: Optional[int] = None,
+        search_dtype: str = "auto",
         usage_window: int = 100,
     ):
         super().__init__()
@@ -144,7 +130,9 @@ class ResidualQuantizer(nn.Module):
         self.commitment_weight, self.commitment = commitment_weight, commitment
         self.restart, self.restart_threshold, self.restart_unused_steps = restart, restart_threshold, restart_unused_steps
         self.ema_schedule, self.sync_codebook = ema_schedule, sync_codebook
-        self.search_chunk_size = search_chunk_size or max(64, (1 << 24) // codebook_size)
+        self.search_chunk_size = search_chunk_size  # None: per device (search.default_chunk_rows)
+        resolve_score_dtype(search_dtype, torch.device("cpu"))  # validates
+        self.search_dtype = search_dtype
         self.usage_window = usage_window
 
         self.project_in = nn.Linear(dim, self.codebook_dim) if self.codebook_dim != dim else nn.Identity()
@@ -207,7 +195,7 @@ class ResidualQuantizer(nn.Module):
                 if update and not bool(self.initted[self.book_of(d)]):
                     self._kmeans_init(self.book_of(d), residual)  # each codebook on its own depth's residual
                 book = self.embed[self.book_of(d)]
-                idx = nearest_code(residual, book, self.search_chunk_size)
+                idx = nearest_code(residual, book, self.search_chunk_size, score_dtype=self.search_dtype)
                 code = book[idx]  # looked up before this depth rewrites the codebook (the official order)
                 inputs.append(residual)
                 if update and self.ema_schedule == "per_depth":
@@ -367,8 +355,12 @@ class ResidualQuantizer(nn.Module):
                              f"(pass the first 1..{self.depth} depths)")
         if ids.numel() and (ids.min() < 0 or ids.max() >= self.codebook_size):
             raise ValueError(f"ids out of range [0, {self.codebook_size}): min {int(ids.min())}, max {int(ids.max())}")
-        codes = torch.stack([self.embed[self.book_of(d)][ids[..., d].long()] for d in range(k)])
-        return codes if per_depth else codes.sum(0)
+        ids = ids.long()
+        if self.shared_codebook:  # one gather for all depths
+            codes = self.embed[0][ids]  # (..., k, c)
+        else:
+            codes = self.embed[torch.arange(k, device=ids.device), ids]  # depth d from codebook d
+        return codes.movedim(-2, 0) if per_depth else codes.sum(-2)
 
     def decode(self, ids: torch.Tensor) -> torch.Tensor:
         """ids (..., k) -> quantized vectors (..., dim) from the first k depths: the eval forward's

@@ -20,6 +20,7 @@ from torch import nn
 from ..images import PreprocessConfig
 from .base import CodebookSpec, TokenizerEncoding, VisualTokenizer, register_tokenizer
 from .decoders import AttnBlock, Downsample, ResnetBlock, Upsample, _Level, _norm
+from .search import nearest_code, resolve_score_dtype
 
 
 def _mid(channels: int, groups: int, dropout: float) -> nn.ModuleList:
@@ -110,11 +111,16 @@ class VQOutput:
 class L2VectorQuantizer(nn.Module):
     """LlamaGen's VectorQuantizer: L2-normalised z and codebook (nearest = highest cosine), codebook
     learned by gradient (no EMA), commitment beta, optional entropy loss, straight-through estimator
-    in the normalised space, and `codebook_used` (a rolling window of recent ids, for usage)."""
+    in the normalised space, and `codebook_used` (a rolling window of recent ids, for usage).
+    search_chunk_size / search_dtype: the nearest-code search (`search.nearest_code`); the ids are
+    the fp32 search's either way."""
 
     def __init__(self, *, codebook_size: int, dim: int, l2_norm: bool = True, beta: float = 0.25,
-                 entropy_loss_ratio: float = 0.0, entropy_temperature: float = 0.01, usage_window: int = 65536):
+                 entropy_loss_ratio: float = 0.0, entropy_temperature: float = 0.01, usage_window: int = 65536,
+                 search_chunk_size: Optional[int] = None, search_dtype: str = "auto"):
         super().__init__()
+        resolve_score_dtype(search_dtype, torch.device("cpu"))  # validates
+        self.search_chunk_size, self.search_dtype = search_chunk_size, search_dtype
         self.codebook_size, self.dim, self.l2_norm = codebook_size, dim, l2_norm
         self.beta, self.entropy_loss_ratio, self.entropy_temperature = beta, entropy_loss_ratio, entropy_temperature
         self.embedding = nn.Embedding(codebook_size, dim)
@@ -130,9 +136,9 @@ class L2VectorQuantizer(nn.Module):
         return F.normalize(w, dim=-1) if self.l2_norm else w
 
     def nearest(self, z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
-        """Ids (N,) of the nearest code (squared L2) for each row of z (N, dim) in `codebook` (K, dim)."""
-        distances = z.pow(2).sum(1, keepdim=True) + codebook.pow(2).sum(1) - 2 * z @ codebook.T
-        return distances.argmin(1)
+        """z (N, dim), codebook (K, dim) -> ids (N,): LlamaGen's argmin of ||z||^2 + ||e||^2 - 2 z.e,
+        by `search.nearest_code` (chunked GEMMs, fast dtype on CUDA, the fp32 argmin's ids)."""
+        return nearest_code(z, codebook, self.search_chunk_size, score_dtype=self.search_dtype)
 
     def forward(self, z: torch.Tensor) -> VQOutput:
         """z (B, C, h, w) -> quantized (B, C, h, w), ids (B, h, w) and the training losses."""

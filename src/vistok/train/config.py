@@ -67,7 +67,10 @@ class TrainConfig:
     image_every: int = _f(1000, ge=1)  # reconstruction grid of held-out images (and always at the last step)
     eval_every: int = _f(1000, ge=1)  # held-out PSNR/SSIM/codebook usage (at step 0, every N steps and the last)
     ema_decay: Optional[float] = _f(None, gt=0.0, lt=1.0)
-    grad_checkpointing: bool = False
+    grad_checkpointing: bool = False  # recompute the tower's and the pixel decoder's blocks in backward
+    compile: bool = False  # torch.compile the model's training forward
+    fused_optimizer: bool = True  # fused AdamW kernel (CUDA only; elsewhere the plain one)
+    channels_last: bool = False  # CUDA only: decoder / discriminator convolutions in NHWC memory format
     export: bool = True  # write OUT/export (a release directory) at the end
 
 

@@ -35,6 +35,7 @@ from .checkpoint import (UnreadableCheckpointError, latest_checkpoint, list_chec
 from .config import RunConfig
 from .data import (Augment, ImageDataset, ResumableBatchSampler, collate, collate_stream, is_webdataset,
                    check_data, item_group, next_position, read_items, spread_indices, WebDatasetStream)
+from . import speed
 from .objectives import Objective, objective_class
 from .runlock import RunFolderBusy, RunLock
 
@@ -212,6 +213,8 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self.model = build_model(cfg).to(self.dist.device).train()
         self.objective: Objective = objective_class(cfg.family)(cfg.loss).to(self.dist.device)
+        if cfg.train.channels_last:
+            speed.channels_last(self.model, self.objective.discriminator, device=self.dist.device)
         self._build_optimizers()
         self.ema = WeightEMA(self.model, cfg.train.ema_decay).to(self.dist.device) if cfg.train.ema_decay else None
         self.step, self.position, self.skipped_total = 0, (0, 0), 0
@@ -233,12 +236,13 @@ class Trainer:
             self.ddp = nn.parallel.DistributedDataParallel(
                 self.model, broadcast_buffers=False, find_unused_parameters=self.objective.find_unused_parameters(),
                 **kwargs)
+        self.forward_model = speed.compile_module(self.ddp) if cfg.train.compile else self.ddp
 
     # ------------------------------------------------------------------ optimisers and state
     def _build_optimizers(self) -> None:
         o, t = self.cfg.optim, self.cfg.train
         groups = param_groups(self.model, self.objective.extra_parameters(), o.weight_decay)
-        self.opt = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas))
+        self.opt = speed.make_adamw(groups, lr=o.lr, betas=o.betas, device=self.dist.device, fused=t.fused_optimizer)
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, lr_lambda(o.warmup_steps, t.steps, o.schedule, o.min_lr / o.lr if o.lr else 0.0))
         self.d_opt = self.d_sched = None
@@ -398,7 +402,8 @@ class Trainer:
             sync = contextlib.nullcontext() if last or self.ddp is self.model else self.ddp.no_sync()
             with sync:
                 with self._autocast():
-                    loss, out = self.objective.generator_step(self.ddp, self.model, x, step, batch["captions"])
+                    loss, out = self.objective.generator_step(self.forward_model, self.model, x, step,
+                                                              batch["captions"])
                 self._check_finite(loss, step)
                 (loss.total / t.accumulation).backward()
             if disc is not None and self.objective.gan_active(step):
