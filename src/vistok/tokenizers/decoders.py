@@ -32,6 +32,7 @@ class GroupNorm(nn.GroupNorm):
     autocast, or with an fp32 input, it is nn.GroupNorm."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, C, H, W) -> the same shape and dtype, normalised per group of C / num_groups channels."""
         if x.dtype in (torch.bfloat16, torch.float16) and torch.is_autocast_enabled(x.device.type):
             with torch.autocast(x.device.type, enabled=False):
                 return F.group_norm(x, self.num_groups, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
@@ -213,6 +214,7 @@ class Decoder(nn.Module):
 
     @grad_checkpointing.setter
     def grad_checkpointing(self, on: bool) -> None:
+        """Turn the recomputation of every res-block, attention block and upsampler on or off."""
         for part in (self.mid, *self.up):
             part.checkpointing = bool(on)
 

@@ -65,6 +65,8 @@ def resolve_score_dtype(score_dtype, device: torch.device) -> str:
 
 
 def default_chunk_rows(codebook_size: int, device: torch.device) -> int:
+    """Rows of x per search chunk so one (rows, codebook_size) fp32 score block stays within the device's
+    budget (4 MiB on the CPU: cache-resident for the argmin; 512 MiB on CUDA); at least 64."""
     budget = CPU_CHUNK_ELEMENTS if device.type == "cpu" else DEVICE_CHUNK_ELEMENTS
     return max(64, budget // max(codebook_size, 1))
 
