@@ -1,25 +1,24 @@
 """`vistok bench ...`: reconstruction, zero-shot, retrieval and codebook benchmarks.
 
-Results: a table on stdout (or JSON with `--json -`), `--json FILE` for one key per metric plus the
-settings used; warnings and progress bars on stderr.
+Results: a table on stdout, or with `--json` one JSON object (one key per metric plus the settings used);
+`--json-out FILE` also writes that object to FILE; warnings and progress bars on stderr.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import click
 
 from .common import check_device, load_model, refuse_dir_inside_inputs
-from .output import emit, log
+from .output import emit, json_safe, warn
 
 _FID_RESIZES = ("clean", "pytorch-fid")
 
 
 def _common(batch_size: int):
-    """--limit, --batch-size, --device, --workers and --json FILE."""
+    """--limit, --batch-size, --device, --workers, --json and --json-out FILE."""
 
     def decorate(fn):
         for option in reversed([
@@ -28,9 +27,9 @@ def _common(batch_size: int):
             click.option("--device", default="cpu", show_default=True, help="torch device (cpu, cuda, cuda:N)"),
             click.option("--workers", default=0, show_default=True, type=click.IntRange(0),
                          help="image loading processes (0: load in the main process)"),
-            click.option("--json", "json_file", type=click.Path(dir_okay=False), default=None,
-                         help="also write the results and settings as JSON to this file ('-': JSON on stdout "
-                              "instead of the table)"),
+            click.option("--json", "as_json", is_flag=True, help="JSON on stdout instead of the table"),
+            click.option("--json-out", "json_file", type=click.Path(dir_okay=False), default=None,
+                         help="also write the results and settings as JSON to this file"),
         ]):
             fn = option(fn)
         return fn
@@ -61,30 +60,15 @@ def bench():
 
 
 # ------------------------------------------------------------------------------------------ output
-def _clean(obj):
-    """JSON-safe: inf/nan become null."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    return obj
-
-
-def _report(rows: list[dict], result: dict, json_file, columns=None) -> None:
+def _report(rows: list[dict], result: dict, as_json: bool, json_file, columns=None) -> None:
     for skipped in result.get("skipped_files", []):
-        log(f"warning: skipped {skipped['name']}: {skipped['reason']}")
+        warn(f"skipped {skipped['name']}: {skipped['reason']}")
     for name, message in result.get("errors", {}).items():
-        log(f"warning: {name} failed: {message}")
-    text = json.dumps(_clean(result), indent=2, default=str)
-    if json_file == "-":
-        click.echo(text)
-        return
-    emit(rows, as_json=False, columns=columns)
+        warn(f"{name} failed: {message}")
+    emit(rows, as_json=as_json, columns=columns, obj=result)
     if json_file:
         Path(json_file).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_file).write_text(text + "\n")
+        Path(json_file).write_text(json.dumps(json_safe(result), indent=2, default=str) + "\n")
 
 
 def _count_rows(result: dict) -> list[dict]:
@@ -141,7 +125,7 @@ def _load_tokenizer(spec: str, device: str):
 @_pixel_metric_options
 @_common(batch_size=16)
 def recon_cmd(model, data, metrics, resolution, save_recon, fid_resize, inception, lpips_net, lpips_weights, limit,
-              batch_size, device, workers, json_file):
+              batch_size, device, workers, as_json, json_file):
     """Reconstruct every image of DATA with MODEL and score it against the (preprocessed) original.
 
     DATA: a directory (recursive), a text file of image paths, or builtin:photos.
@@ -158,7 +142,7 @@ def recon_cmd(model, data, metrics, resolution, save_recon, fid_resize, inceptio
     result = bench_recon(tok, images, built, errors=errors, resolution=resolution, batch_size=batch_size,
                          device=device, workers=workers, save_recon=save_recon, progress="recon")
     out = {**result.to_dict(), "model": model, "data": data, "limit": limit}
-    _report(_pixel_rows(out), out, json_file)
+    _report(_pixel_rows(out), out, as_json, json_file)
 
 
 @bench.command("compare")
@@ -168,7 +152,7 @@ def recon_cmd(model, data, metrics, resolution, save_recon, fid_resize, inceptio
 @_pixel_metric_options
 @_common(batch_size=16)
 def compare_cmd(ref_dir, test_dir, metrics, fid_resize, inception, lpips_net, lpips_weights, limit, batch_size,
-                device, workers, json_file):
+                device, workers, as_json, json_file):
     """Score the images of TEST_DIR against those of REF_DIR, paired by file name without extension."""
     from ..bench.data import resolve_images
     from ..bench.recon import bench_compare
@@ -179,7 +163,7 @@ def compare_cmd(ref_dir, test_dir, metrics, fid_resize, inception, lpips_net, lp
     result = bench_compare(reference, test, built, errors=errors, limit=limit, batch_size=batch_size, device=device,
                            workers=workers, progress="compare")
     out = {**result.to_dict(), "reference": ref_dir, "test": test_dir, "limit": limit}
-    _report(_pixel_rows(out), out, json_file)
+    _report(_pixel_rows(out), out, as_json, json_file)
 
 
 def _image_text_model(spec: str, device: str):
@@ -200,7 +184,7 @@ def _image_text_model(spec: str, device: str):
 @click.option("--templates", default="openai", show_default=True,
               help="openai (80 prompts), simple (7), or a text file with one template per line containing {}")
 @_common(batch_size=64)
-def zeroshot_cmd(model, data, classnames, templates, limit, batch_size, device, workers, json_file):
+def zeroshot_cmd(model, data, classnames, templates, limit, batch_size, device, workers, as_json, json_file):
     """Zero-shot top-1/top-5 of MODEL on an ImageFolder tree DATA (one subfolder per class).
 
     MODEL: a vistok tokenizer with a text tower, or open_clip:ARCH@WEIGHTS_FILE as a baseline.
@@ -213,7 +197,7 @@ def zeroshot_cmd(model, data, classnames, templates, limit, batch_size, device, 
     out = {**result, "model": model, "data": data, "limit": limit}
     rows = [{"metric": "top1", "value": out["top1"], "protocol": f"{out['classes']} classes, {templates} templates"},
             {"metric": "top5", "value": out["top5"], "protocol": f"top-{out['settings']['top5_k']}"}]
-    _report(rows + _count_rows(out), out, json_file)
+    _report(rows + _count_rows(out), out, as_json, json_file)
 
 
 @bench.command("retrieval")
@@ -223,7 +207,7 @@ def zeroshot_cmd(model, data, classnames, templates, limit, batch_size, device, 
               help='.jsonl ({"image": path, "captions": [...]} per line) or .csv (image,caption rows); image '
                    "paths relative to DATA")
 @_common(batch_size=64)
-def retrieval_cmd(model, data, captions, limit, batch_size, device, workers, json_file):
+def retrieval_cmd(model, data, captions, limit, batch_size, device, workers, as_json, json_file):
     """Image->text and text->image recall@1/5/10 of MODEL on the captioned images in DATA."""
     from ..bench.retrieval import bench_retrieval
 
@@ -236,14 +220,14 @@ def retrieval_cmd(model, data, captions, limit, batch_size, device, workers, jso
             for k, v in out.items() if k.startswith(("i2t_", "t2i_"))]
     rows.append({"metric": "images", "value": out["images"],
                  "protocol": f"{out['captions']} captions ({out['skipped']} images skipped)"})
-    _report(rows, out, json_file)
+    _report(rows, out, as_json, json_file)
 
 
 @bench.command("codebook")
 @click.argument("model")
 @click.argument("data")
 @_common(batch_size=16)
-def codebook_cmd(model, data, limit, batch_size, device, workers, json_file):
+def codebook_cmd(model, data, limit, batch_size, device, workers, as_json, json_file):
     """Per codebook and depth: usage, perplexity and dead codes of MODEL's ids on DATA."""
     from ..bench.codebook import bench_codebook
     from ..bench.data import resolve_images
@@ -257,7 +241,7 @@ def codebook_cmd(model, data, limit, batch_size, device, workers, json_file):
     out = {**bench_codebook(tok, images, batch_size=batch_size, workers=workers, device=device,
                             progress="codebook").to_dict(), "model": model, "data": data, "limit": limit}
     columns = ["codebook", "depth", "size", "used", "usage", "perplexity", "dead", "tokens"]
-    _report(out["codebooks"], out, json_file, columns=columns)
+    _report(out["codebooks"], out, as_json, json_file, columns=columns)
 
 
 COMMANDS = [bench]

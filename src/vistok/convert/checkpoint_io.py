@@ -135,10 +135,11 @@ def unwrap_state_dict(obj: object, keys: Iterable[str] = ("model", "state_dict")
     raise ValueError(f"no state dict found (looked for a flat tensor dict or keys {list(keys)}); found {found}")
 
 
-def check_destination(dst: str | Path, kind: str) -> None:
+def check_destination(dst: str | Path, kind: str, *, overwrite: bool = False) -> None:
     """Refuse a conversion's DST that would overwrite or mix with other files: DST must be new, empty,
-    or a release an earlier `vistok convert KIND` wrote (only config.json and model.safetensors, with
-    `source.kind == kind`), which converting again replaces. Called before anything is read or written."""
+    or, with `overwrite`, a release an earlier `vistok convert KIND` wrote (only config.json and
+    model.safetensors, with `source.kind == kind`), which converting again replaces. Called before
+    anything is read or written; ValueError otherwise."""
     import json
 
     dst = Path(dst)
@@ -154,7 +155,10 @@ def check_destination(dst: str | Path, kind: str) -> None:
     except (OSError, ValueError, AttributeError):
         kind_there = None
     if set(held) <= {"config.json", "model.safetensors"} and kind_there == kind:
-        return
+        if overwrite:
+            return
+        raise ValueError(f"destination {dst} already holds a `vistok convert {kind}` release; pass --overwrite "
+                         "(overwrite=True) to replace it, nothing was written")
     raise ValueError(f"destination {dst} is not empty and is not an earlier `vistok convert {kind}` release "
                      f"(it holds {held[:5]}{' ...' if len(held) > 5 else ''}); choose a new directory, "
                      "nothing was written")

@@ -15,10 +15,11 @@ from ..tokenizers.registry import create_tokenizer
 from .checkpoint_io import check_destination, read_checkpoint, strip_prefixes, unwrap_state_dict
 
 
-def convert_llamagen_vq(src: str | Path, dst: str | Path, *, preset: Optional[str] = None) -> dict:
+def convert_llamagen_vq(src: str | Path, dst: str | Path, *, preset: Optional[str] = None,
+                        overwrite: bool = False) -> dict:
     import argparse
 
-    check_destination(dst, "llamagen-vq16")
+    check_destination(dst, "llamagen-vq16", overwrite=overwrite)
     raw = read_checkpoint(src, allowed_globals=[argparse.Namespace])  # training files carry `args`
     sd = strip_prefixes(unwrap_state_dict(raw, keys=("ema", "model", "state_dict")), ["module."])
     preset = preset or "llamagen-vq16"

@@ -11,12 +11,13 @@ from pathlib import Path
 from typing import Optional
 
 
-def convert_siglip(src: str | Path, dst: str | Path, *, preset: Optional[str] = None, **overrides) -> dict:
+def convert_siglip(src: str | Path, dst: str | Path, *, preset: Optional[str] = None, overwrite: bool = False,
+                   **overrides) -> dict:
     from ..tokenizers.registry import create_tokenizer
     from ..tokenizers.siglip_hf import is_hf_siglip_folder, siglip_init_args
     from .checkpoint_io import check_destination
 
-    check_destination(dst, "siglip")
+    check_destination(dst, "siglip", overwrite=overwrite)
 
     preset = preset or "dualtoken-so400m-384"
     source = {"kind": "siglip", "file": Path(src).name, "preset": preset}
@@ -34,4 +35,4 @@ def convert_siglip(src: str | Path, dst: str | Path, *, preset: Optional[str] = 
     tok.save_pretrained(dst, extra={"source": source})
     tower = tok.siglip.state_dict()
     return {"preset": preset, "format": source["format"], "tensors": len(tower),
-            "parameters": tok.num_parameters(), "text_tower": hasattr(tok.siglip, "text"), "destination": str(dst)}
+            "parameters": tok.num_parameters(), "text_tower": hasattr(tok.siglip, "text"), "dst": str(dst)}

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
-import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -35,6 +35,7 @@ from .objectives import Objective, objective_class
 from .runlock import RunFolderBusy, RunLock
 
 CONFIG_NAME = "config.json"
+logger = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------------- setup
@@ -418,11 +419,9 @@ class Trainer:
                 self.log(f"skipped unreadable image {name}")
 
     def log(self, message: str) -> None:
+        """Rank 0's messages, through the "vistok.train.trainer" logger (the CLI prints them above the bar)."""
         if self.dist.main and not self.quiet:
-            if getattr(self, "progress", None) is not None:
-                self.progress.write(message, file=sys.stderr)
-            else:
-                print(message, file=sys.stderr, flush=True)
+            logger.info(message)
 
     def _codebook_stats(self) -> dict:
         out = {}
@@ -516,10 +515,9 @@ class Trainer:
         batches = iter(self._loader())
         progress = self.progress = None
         if self.dist.main and not self.quiet:
-            from tqdm import tqdm
+            from ..progress import progress_bar
 
-            progress = self.progress = tqdm(total=t.steps, initial=self.step, desc="train", file=sys.stderr,
-                                            dynamic_ncols=True)
+            progress = self.progress = progress_bar(total=t.steps, initial=self.step, desc="train", dynamic_ncols=True)
         started = time.time()
         try:
             while self.step < t.steps:
@@ -562,7 +560,7 @@ def export_run(run_dir: str | os.PathLike, dst: str | os.PathLike, *, step: Opti
     from ..tokenizers.base import load_state_dict_strict
     from .config import build_config
 
-    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    log = log or logger.info
     run_dir = Path(run_dir)
     if not (run_dir / CONFIG_NAME).is_file():
         raise FileNotFoundError(f"{run_dir} is not a training run directory (no {CONFIG_NAME})")
