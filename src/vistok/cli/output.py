@@ -42,8 +42,7 @@ def configure_logging(level: int) -> None:
     handler = _StderrHandler()
     handler.setFormatter(_Format())
     root.addHandler(handler)
-    root.setLevel(level)
-    root.propagate = False
+    root.setLevel(level)  # records still propagate: an application's own root handlers see them too
 
 
 def log(msg: str) -> None:
