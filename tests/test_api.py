@@ -18,7 +18,8 @@ from vistok.tokenizers.base import CheckpointMismatchError
 
 def test_list_and_create_with_overrides():
     assert {"mar-kl16", "ldm-kl-f16", "tiny-kl"} <= set(vistok.list_models())
-    assert vistok.list_models("tiny-*") == ["tiny-dualtoken", "tiny-kl", "tiny-mar", "tiny-toklip", "tiny-vqgan"]
+    assert vistok.list_models("tiny-*") == ["tiny-dualtoken", "tiny-dualtoken-s4", "tiny-kl", "tiny-mar", "tiny-toklip",
+                                            "tiny-vqgan"]
     tok = vistok.create_tokenizer("tiny-kl", scaling_factor=0.5, preprocess={"image_size": 64})
     assert tok.config["scaling_factor"] == 0.5 and tok.preprocess_config.image_size == 64
     assert tok.preprocess_config.crop == "center"  # merged, not replaced

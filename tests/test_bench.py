@@ -205,7 +205,7 @@ def test_cli_compare_pairs_by_name_and_matches_scikit_image(photos, tmp_path):
 
     pairs = _write_pairs(photos, tmp_path)
     res = _run(["bench", "compare", str(tmp_path / "ref"), str(tmp_path / "test"), "--metrics", "psnr,ssim",
-                "--batch-size", "3", "--json", str(tmp_path / "out.json")])
+                "--batch-size", "3", "--json-out", str(tmp_path / "out.json")])
     assert res.exit_code == 0, res.output
     out = json.loads((tmp_path / "out.json").read_text())
     assert out["images"] == 4 and out["skipped"] == 0
@@ -228,7 +228,7 @@ def test_lpips_metric_equals_lpips_package_and_missing_weights_keep_other_metric
     reference = lpips.LPIPS(net="squeeze", pretrained=False, pnet_rand=True, verbose=False).eval()
     torch.save(reference.state_dict(), tmp_path / "lpips_squeeze.pth")
     res = _run(["bench", "compare", str(tmp_path / "ref"), str(tmp_path / "test"), "--metrics", "lpips,psnr",
-                "--lpips-net", "squeeze", "--lpips-weights", str(tmp_path / "lpips_squeeze.pth"), "--json", "-"])
+                "--lpips-net", "squeeze", "--lpips-weights", str(tmp_path / "lpips_squeeze.pth"), "--json"])
     assert res.exit_code == 0, res.output
     with torch.no_grad():
         want = np.mean([reference(_u8([a]).float() / 127.5 - 1, _u8([b]).float() / 127.5 - 1).item() for a, b in pairs])
@@ -237,7 +237,7 @@ def test_lpips_metric_equals_lpips_package_and_missing_weights_keep_other_metric
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-hub"))
     monkeypatch.delenv("VISTOK_LPIPS_BACKBONE", raising=False)
     res = _run(["bench", "compare", str(tmp_path / "ref"), str(tmp_path / "test"), "--metrics", "psnr,lpips",
-                "--json", "-"])
+                "--json"])
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
     assert out["lpips"] is None and out["psnr"] > 10
@@ -263,7 +263,7 @@ def test_cli_recon_scores_the_round_trip_and_agrees_with_compare(release, tmp_pa
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-hub"))  # no LPIPS weights: reported, not fatal
     monkeypatch.delenv("VISTOK_LPIPS_BACKBONE", raising=False)
     res = _run(["bench", "recon", str(release), "builtin:photos", "--limit", "3", "--batch-size", "3",
-                "--save-recon", str(tmp_path / "rec"), "--json", str(tmp_path / "recon.json")])
+                "--save-recon", str(tmp_path / "rec"), "--json-out", str(tmp_path / "recon.json")])
     assert res.exit_code == 0, res.output
     out = json.loads((tmp_path / "recon.json").read_text())
     assert out["images"] == 3 and out["lpips"] is None and "vgg16-397923af.pth" in out["errors"]["lpips"]
@@ -283,7 +283,7 @@ def test_cli_recon_scores_the_round_trip_and_agrees_with_compare(release, tmp_pa
         psnrs.append(peak_signal_noise_ratio(o.permute(1, 2, 0).numpy(), saved))
     assert out["psnr"] == pytest.approx(np.mean(psnrs), abs=1e-9)
     res = _run(["bench", "compare", str(tmp_path / "orig"), str(tmp_path / "rec"), "--metrics", "fid,psnr,ssim",
-                "--json", "-"])
+                "--json"])
     assert res.exit_code == 0, res.output
     compared = json.loads(res.stdout)
     assert compared["fid"] == pytest.approx(out["rfid"], rel=1e-6) and compared["fid"] > 0
@@ -295,7 +295,7 @@ def test_corrupt_images_are_skipped_and_counted(image_dir, release, tmp_path):
     (image_dir / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
     (image_dir / "sub").mkdir()
     Image.open(image_dir / "img1.png").save(image_dir / "sub" / "img3.png")
-    res = _run(["bench", "recon", str(release), str(image_dir), "--metrics", "psnr", "--workers", "1", "--json", "-"])
+    res = _run(["bench", "recon", str(release), str(image_dir), "--metrics", "psnr", "--workers", "1", "--json"])
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
     assert out["images"] == 4 and out["skipped"] == 1
@@ -463,7 +463,7 @@ def test_zero_shot_of_open_clip_model_equals_open_clips_classifier(tiny_clip, tm
 
     root, names_file = _photo_folder(tmp_path / "val")
     res = _run(["bench", "zeroshot", f"open_clip:{TINY_ARCH}@{tiny_clip}", str(root), "--classnames", str(names_file),
-                "--templates", "simple", "--batch-size", "5", "--json", "-"])
+                "--templates", "simple", "--batch-size", "5", "--json"])
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
 
@@ -529,7 +529,7 @@ def test_cli_retrieval_matches_recall_from_open_clip_embeddings(tiny_clip, tmp_p
              for i, f in enumerate(files)]
     (tmp_path / "caps.jsonl").write_text("\n".join(lines) + "\n")
     res = _run(["bench", "retrieval", f"open_clip:{TINY_ARCH}@{tiny_clip}", str(root), "--captions",
-                str(tmp_path / "caps.jsonl"), "--json", "-"])
+                str(tmp_path / "caps.jsonl"), "--json"])
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
     model, _, preprocess = open_clip.create_model_and_transforms(TINY_ARCH, pretrained=str(tiny_clip))
@@ -660,7 +660,7 @@ def test_compare_fid_equals_clean_fid_compute_fid(photos, tmp_path, wheel_featur
     for name, image in photos:
         image.save(tmp_path / "ref" / f"{name}.png")
         image.filter(ImageFilter.GaussianBlur(1)).save(tmp_path / "test" / f"{name}.png")
-    res = _run(["bench", "compare", str(tmp_path / "ref"), str(tmp_path / "test"), "--metrics", "fid", "--json", "-"])
+    res = _run(["bench", "compare", str(tmp_path / "ref"), str(tmp_path / "test"), "--metrics", "fid", "--json"])
     assert res.exit_code == 0, res.output
 
     def features(batch):  # clean mode hands float 0..255 images already resized to 299

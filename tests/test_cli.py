@@ -32,7 +32,7 @@ def release(tmp_path, tiny_kl):
 def test_list_models_and_info(runner, release):
     res = runner.invoke(main, ["list-models", "--json"])
     assert res.exit_code == 0
-    assert {r["name"] for r in json.loads(res.stdout)} >= {"mar-kl16", "tiny-kl"}
+    assert {r["name"] for r in json.loads(res.stdout)["models"]} >= {"mar-kl16", "tiny-kl"}
     res = runner.invoke(main, ["info", str(release), "--json"])
     info = json.loads(res.stdout)
     assert info["stride"] == 4 and info["grid"] == [8, 8]
@@ -64,7 +64,9 @@ def test_reconstruct_writes_images_and_grid(runner, release, image_dir, tmp_path
     res = runner.invoke(main, ["reconstruct", str(release), str(image_dir / "img0.png"), str(image_dir / "img2.png"),
                                "--out-dir", str(tmp_path / "rec"), "--json"])
     assert res.exit_code == 0, res.output
-    rows = json.loads(res.stdout)
+    out = json.loads(res.stdout)
+    assert out["out_dir"] == str(tmp_path / "rec") and out["grid"] == str(tmp_path / "rec" / "grid.png")
+    rows = out["images"]
     assert [r["image"] for r in rows] == ["img0.png", "img2.png"]
     tok = vistok.load_tokenizer(release)
     for row, name in zip(rows, ["img0", "img2"]):
@@ -146,7 +148,7 @@ def test_convert_non_checkpoint_and_scaling_factor_override(runner, image_dir, t
     res = runner.invoke(main, ["convert", "mar-kl16", str(tmp_path / "tiny.ckpt"), str(tmp_path / "o"),
                                "--preset", "tiny-kl", "--scaling-factor", "0.4", "--json"])
     assert res.exit_code == 0, res.output
-    assert json.loads(res.stdout)[0]["scaling_factor"] == 0.4
+    assert json.loads(res.stdout)["scaling_factor"] == 0.4
     assert vistok.load_tokenizer(tmp_path / "o").scaling_factor == 0.4
 
 

@@ -213,7 +213,7 @@ def test_config_and_pretrained_folder_are_found_or_asked_for(tmp_path):
                                str(config_dir / "config.json"), "--pretrained", str(DATA / "small" / "pretrained_model"),
                                "--json"])
     assert res.exit_code == 0, res.output
-    report = json.loads(res.stdout)[0]
+    report = json.loads(res.stdout)
     assert report["teacher"] == "pretrained:pretrained_model" and report["tensors"] == 332
     res = runner.invoke(main, ["convert", "toklip", str(lone / "epoch_1.pt"), str(tmp_path / "o2"), "--pretrained",
                                str(DATA / "small" / "pretrained_model")])
@@ -262,13 +262,15 @@ def test_destination_that_holds_other_files_is_refused_and_nothing_is_overwritte
     res = CliRunner().invoke(main, ["convert", "dualtoken", str(folder / "epoch_1.pt"), str(other)])
     assert res.exit_code == 1 and "Traceback" not in res.output and "['notes.txt']" in res.stderr
     assert sorted(p.name for p in other.iterdir()) == ["notes.txt"]
-    # converting again into its own earlier release replaces it
-    for _ in range(2):
-        assert convert_dualtoken(folder / "epoch_1.pt", tmp_path / "out")["tensors"] == 332
+    # converting again into its own earlier release is refused without overwrite, replaces it with
+    assert convert_dualtoken(folder / "epoch_1.pt", tmp_path / "out")["tensors"] == 332
+    with pytest.raises(ValueError, match="already holds a `vistok convert dualtoken` release; pass --overwrite"):
+        convert_dualtoken(folder / "epoch_1.pt", tmp_path / "out")
+    assert convert_dualtoken(folder / "epoch_1.pt", tmp_path / "out", overwrite=True)["tensors"] == 332
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["README.md", "config.json", "model.safetensors"]
     (tmp_path / "out" / "README.md").write_text("# my notes on this run\n")  # not vistok's card: refused
     with pytest.raises(ValueError, match="is not empty and is not an earlier"):
-        convert_dualtoken(folder / "epoch_1.pt", tmp_path / "out")
+        convert_dualtoken(folder / "epoch_1.pt", tmp_path / "out", overwrite=True)
 
 
 @pytest.mark.parametrize("edit,message", [

@@ -137,7 +137,7 @@ def test_quickstart_short_run_improves_heldout_psnr_and_exports(tmp_path):
     # the export is an inference release: no teacher, loads strictly, same codes as the run's weights
     release = vistok.load_tokenizer(tmp_path / "qs" / "export").eval()
     assert not hasattr(release, "teacher")
-    trained = vistok.create_tokenizer("tiny-dualtoken")
+    trained = vistok.create_tokenizer(cfg.model.preset)  # the quickstart's preset (tiny-dualtoken-s4)
     from vistok.tokenizers.base import load_state_dict_strict
 
     load_state_dict_strict(trained, load_file(str(tmp_path / "qs" / "step_40" / "model.safetensors")))

@@ -44,7 +44,7 @@ def test_released_checkpoint_converts_loads_strictly_and_matches_independent_loo
     path, sd = released
     result = CliRunner().invoke(main, ["convert", "llamagen-vq16", str(path), str(tmp_path / "vq"), "--json"])
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)[0]["tensors"] == 344
+    assert json.loads(result.stdout)["tensors"] == 344
     tok = vistok.load_tokenizer(tmp_path / "vq").eval()
     state = tok.state_dict()
     assert all(torch.equal(state[k], sd[k]) for k in sd)  # every key consumed, values untouched

@@ -12,7 +12,6 @@ An image that cannot be read (corrupt, truncated, too small) is skipped and reco
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
@@ -227,14 +226,14 @@ def iter_batches(items: Sequence, transform: Callable, *, skipped: list, batch_s
     Items whose transform raises ValueError/OSError are appended to `skipped` as `Skipped` and left
     out of the batches. `progress` is the label of a progress bar on stderr (None: no bar).
     """
-    from tqdm import tqdm
+    from ..progress import progress_bar
 
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
     loader = torch.utils.data.DataLoader(_Loading(items, transform), batch_size=batch_size, shuffle=False,
                                          num_workers=workers, collate_fn=_as_list)
-    with tqdm(total=len(items), desc=progress, unit="img", file=sys.stderr,
-              disable=progress is None or len(items) < 2) as bar:
+    with progress_bar(total=len(items), desc=progress, unit="img",
+                      enabled=progress is not None and len(items) >= 2) as bar:
         for rows in loader:
             good = [(item, value) for item, value, error in rows if error is None]
             for item, _, error in rows:

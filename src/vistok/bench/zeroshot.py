@@ -227,13 +227,11 @@ def _fill(template, classname: str) -> str:
 def zero_shot_classifier(model: ImageTextModel, classnames: Sequence[str], templates: Sequence,
                          *, texts_per_batch: int = 256, progress: Optional[str] = None) -> torch.Tensor:
     """(E, C): per class, the mean of the normalised template embeddings, re-normalised."""
-    import sys
-
-    from tqdm import tqdm
+    from ..progress import progress_bar
 
     per_batch = max(1, texts_per_batch // len(templates))
     columns = []
-    with tqdm(total=len(classnames), desc=progress, unit="class", file=sys.stderr, disable=progress is None) as bar:
+    with progress_bar(total=len(classnames), desc=progress, unit="class", enabled=progress is not None) as bar:
         for start in range(0, len(classnames), per_batch):
             chunk = classnames[start:start + per_batch]
             emb = model.embed_texts([_fill(t, c) for c in chunk for t in templates])

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
 import click
 
 from .._version import __version__
+from .output import configure_logging
 
 
 class _Group(click.Group):
@@ -41,8 +43,13 @@ def one_line(exc: BaseException) -> str:
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="vistok")
-def main():
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors on stderr: no progress bars, no info logs")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logs on stderr")
+def main(quiet, verbose):
     """vistok: train, convert, run and benchmark visual tokenizers for multimodal LLMs."""
+    if quiet and verbose:
+        raise click.UsageError("--quiet and --verbose exclude each other")
+    configure_logging(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
 
 
 from . import bench, codec, generate, models, train  # noqa: E402,F401  (registers commands)

@@ -1,25 +1,24 @@
 """`vistok bench ...`: reconstruction, zero-shot, retrieval and codebook benchmarks.
 
-Results: a table on stdout (or JSON with `--json -`), `--json FILE` for one key per metric plus the
-settings used; warnings and progress bars on stderr.
+Results: a table on stdout, or with `--json` one JSON object (one key per metric plus the settings used);
+`--json-out FILE` also writes that object to FILE; warnings and progress bars on stderr.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import click
 
 from .common import check_device, device_option, dtype_option, refuse_dir_inside_inputs
-from .output import emit, log
+from .output import emit, json_safe, warn
 
 _FID_RESIZES = ("clean", "pytorch-fid")
 
 
 def _common(batch_size: int):
-    """--limit, --batch-size, --device, --workers and --json FILE."""
+    """--limit, --batch-size, --device, --workers, --json and --json-out FILE."""
 
     def decorate(fn):
         for option in reversed([
@@ -28,9 +27,9 @@ def _common(batch_size: int):
             device_option(),
             click.option("--workers", default=0, show_default=True, type=click.IntRange(0),
                          help="image loading processes (0: load in the main process)"),
-            click.option("--json", "json_file", type=click.Path(dir_okay=False), default=None,
-                         help="also write the results and settings as JSON to this file ('-': JSON on stdout "
-                              "instead of the table)"),
+            click.option("--json", "as_json", is_flag=True, help="JSON on stdout instead of the table"),
+            click.option("--json-out", "json_file", type=click.Path(dir_okay=False), default=None,
+                         help="also write the results and settings as JSON to this file"),
         ]):
             fn = option(fn)
         return fn
@@ -61,30 +60,15 @@ def bench():
 
 
 # ------------------------------------------------------------------------------------------ output
-def _clean(obj):
-    """JSON-safe: inf/nan become null."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    return obj
-
-
-def _report(rows: list[dict], result: dict, json_file, columns=None) -> None:
+def _report(rows: list[dict], result: dict, as_json: bool, json_file, columns=None) -> None:
     for skipped in result.get("skipped_files", []):
-        log(f"warning: skipped {skipped['name']}: {skipped['reason']}")
+        warn(f"skipped {skipped['name']}: {skipped['reason']}")
     for name, message in result.get("errors", {}).items():
-        log(f"warning: {name} failed: {message}")
-    text = json.dumps(_clean(result), indent=2, default=str)
-    if json_file == "-":
-        click.echo(text)
-        return
-    emit(rows, as_json=False, columns=columns)
+        warn(f"{name} failed: {message}")
+    emit(rows, as_json=as_json, columns=columns, obj=result)
     if json_file:
         Path(json_file).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_file).write_text(text + "\n")
+        Path(json_file).write_text(json.dumps(json_safe(result), indent=2, default=str) + "\n")
 
 
 def _count_rows(result: dict) -> list[dict]:
@@ -123,7 +107,7 @@ def _pixel_rows(result: dict) -> list[dict]:
 @_common(batch_size=16)
 @dtype_option()
 def recon_cmd(model, data, metrics, resolution, save_recon, fid_resize, inception, lpips_net, lpips_weights, limit,
-              batch_size, device, workers, json_file, dtype):
+              batch_size, device, workers, as_json, json_file, dtype):
     """Reconstruct every image of DATA with MODEL and score it against the (preprocessed) original.
 
     DATA: a directory (recursive), a text file of image paths, or builtin:photos.
@@ -136,7 +120,7 @@ def recon_cmd(model, data, metrics, resolution, save_recon, fid_resize, inceptio
     out = bench_recon(model, data, metrics=metrics, resolution=resolution, save_recon=save_recon, limit=limit,
                       batch_size=batch_size, device=device, dtype=dtype, workers=workers, fid_resize=fid_resize,
                       inception=inception, lpips_net=lpips_net, lpips_weights=lpips_weights)
-    _report(_pixel_rows(out), out, json_file)
+    _report(_pixel_rows(out), out, as_json, json_file)
 
 
 @bench.command("compare")
@@ -146,7 +130,7 @@ def recon_cmd(model, data, metrics, resolution, save_recon, fid_resize, inceptio
 @_pixel_metric_options
 @_common(batch_size=16)
 def compare_cmd(ref_dir, test_dir, metrics, fid_resize, inception, lpips_net, lpips_weights, limit, batch_size,
-                device, workers, json_file):
+                device, workers, as_json, json_file):
     """Score the images of TEST_DIR against those of REF_DIR, paired by file name without extension."""
     from ..bench.api import bench_compare
 
@@ -154,7 +138,7 @@ def compare_cmd(ref_dir, test_dir, metrics, fid_resize, inception, lpips_net, lp
     out = bench_compare(ref_dir, test_dir, metrics=metrics, limit=limit, batch_size=batch_size, device=device,
                         workers=workers, fid_resize=fid_resize, inception=inception, lpips_net=lpips_net,
                         lpips_weights=lpips_weights)
-    _report(_pixel_rows(out), out, json_file)
+    _report(_pixel_rows(out), out, as_json, json_file)
 
 
 @bench.command("zeroshot")
@@ -167,7 +151,7 @@ def compare_cmd(ref_dir, test_dir, metrics, fid_resize, inception, lpips_net, lp
               help="openai (80 prompts), simple (7), or a text file with one template per line containing {}")
 @_common(batch_size=64)
 @dtype_option()
-def zeroshot_cmd(model, data, classnames, templates, limit, batch_size, device, workers, json_file, dtype):
+def zeroshot_cmd(model, data, classnames, templates, limit, batch_size, device, workers, as_json, json_file, dtype):
     """Zero-shot top-1/top-5 of MODEL on an ImageFolder tree DATA (one subfolder per class).
 
     MODEL: a vistok tokenizer with a text tower, or open_clip:ARCH@WEIGHTS_FILE as a baseline.
@@ -179,7 +163,7 @@ def zeroshot_cmd(model, data, classnames, templates, limit, batch_size, device, 
                          batch_size=batch_size, device=device, dtype=dtype, workers=workers)
     rows = [{"metric": "top1", "value": out["top1"], "protocol": f"{out['classes']} classes, {templates} templates"},
             {"metric": "top5", "value": out["top5"], "protocol": f"top-{out['settings']['top5_k']}"}]
-    _report(rows + _count_rows(out), out, json_file)
+    _report(rows + _count_rows(out), out, as_json, json_file)
 
 
 @bench.command("retrieval")
@@ -190,7 +174,7 @@ def zeroshot_cmd(model, data, classnames, templates, limit, batch_size, device, 
                    "paths relative to DATA")
 @_common(batch_size=64)
 @dtype_option()
-def retrieval_cmd(model, data, captions, limit, batch_size, device, workers, json_file, dtype):
+def retrieval_cmd(model, data, captions, limit, batch_size, device, workers, as_json, json_file, dtype):
     """Image->text and text->image recall@1/5/10 of MODEL on the captioned images in DATA."""
     from ..bench.api import bench_retrieval
 
@@ -202,7 +186,7 @@ def retrieval_cmd(model, data, captions, limit, batch_size, device, workers, jso
             for k, v in out.items() if k.startswith(("i2t_", "t2i_"))]
     rows.append({"metric": "images", "value": out["images"],
                  "protocol": f"{out['captions']} captions ({out['skipped']} images skipped)"})
-    _report(rows, out, json_file)
+    _report(rows, out, as_json, json_file)
 
 
 @bench.command("codebook")
@@ -210,14 +194,14 @@ def retrieval_cmd(model, data, captions, limit, batch_size, device, workers, jso
 @click.argument("data")
 @_common(batch_size=16)
 @dtype_option()
-def codebook_cmd(model, data, limit, batch_size, device, workers, json_file, dtype):
+def codebook_cmd(model, data, limit, batch_size, device, workers, as_json, json_file, dtype):
     """Per codebook and depth: usage, perplexity and dead codes of MODEL's ids on DATA."""
     from ..bench.api import bench_codebook
 
     check_device(device)
     out = bench_codebook(model, data, limit=limit, batch_size=batch_size, device=device, dtype=dtype, workers=workers)
     columns = ["codebook", "depth", "size", "used", "usage", "perplexity", "dead", "tokens"]
-    _report(out["codebooks"], out, json_file, columns=columns)
+    _report(out["codebooks"], out, as_json, json_file, columns=columns)
 
 
 COMMANDS = [bench]

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import functools
 import json
-import sys
 from pathlib import Path
 
 import click
 
 from .common import SEED, device_option, dtype_option, load_model, refuse_dir_inside_inputs, refuse_overwrite
-from .output import log
-from .output import emit
+from .output import emit, warn
 
 GRID_MAX = 16
 _device_option = device_option()
@@ -25,9 +23,9 @@ def _batches(items, size):
 
 
 def _progress(total, desc):
-    from tqdm import tqdm
+    from ..progress import progress_bar
 
-    return tqdm(total=total, desc=desc, unit="img", disable=total < 2, file=sys.stderr)
+    return progress_bar(total=total, desc=desc, unit="img", enabled=total >= 2)
 
 
 def _inference(fn):
@@ -92,7 +90,7 @@ def check_provenance(meta: dict, tok, file: str, model: str) -> None:
         raise ValueError(f"{file} was encoded with {source} at scaling_factor {json.loads(meta['scaling_factor'])}, but "
                          f"{model} uses scaling_factor {tok.scaling_factor}: decode it with the model that encoded it")
     if meta.get("weights_fingerprint") and meta["weights_fingerprint"] != weights_fingerprint(tok):
-        log(f"warning: {file} was encoded with {source} (weights {meta['weights_fingerprint']}), but {model} has other "
+        warn(f"{file} was encoded with {source} (weights {meta['weights_fingerprint']}), but {model} has other "
             f"weights ({weights_fingerprint(tok)}): its tokens decode to what this model makes of them")
 
 
@@ -153,9 +151,11 @@ def encode_cmd(model, images, out, sample, seed, batch_size, device, dtype, as_j
 @_batch_option
 @_device_option
 @_dtype_option
+@click.option("--json", "as_json", is_flag=True, help="JSON output")
 @_inference
-def decode_cmd(model, file, out_dir, batch_size, device, dtype):
-    """Decode a FILE written by `vistok encode` into PNG images in OUT_DIR."""
+def decode_cmd(model, file, out_dir, batch_size, device, dtype, as_json):
+    """Decode a FILE written by `vistok encode` into PNG images in OUT_DIR (printed; with --json
+    {"out_dir", "images": [paths]})."""
     from safetensors import safe_open
 
     from ..images import pixels_to_pil
@@ -194,7 +194,10 @@ def decode_cmd(model, file, out_dir, batch_size, device, dtype):
             for name, img in zip(names[sl], pixels_to_pil(images)):
                 img.save(out / f"{name}.png")
             bar.update(images.shape[0])
-    click.echo(str(out))
+    if as_json:
+        emit([], as_json=True, obj={"out_dir": str(out), "images": [str(out / f"{name}.png") for name in names]})
+    else:
+        click.echo(str(out))
 
 
 @click.command("reconstruct")
@@ -236,7 +239,8 @@ def reconstruct_cmd(model, images, out_dir, grid, batch_size, device, dtype, as_
             bar.update(len(chunk))
     if grid:
         pixels_to_pil(make_grid(torch.stack(pairs), nrow=2, padding=2, pad_value=1.0))[0].save(out / "grid.png")
-    emit(rows, as_json=as_json)
+    emit(rows, as_json=as_json, obj={"out_dir": str(out), "grid": str(out / "grid.png") if grid else None,
+                                     "images": rows})
 
 
 COMMANDS = [encode_cmd, decode_cmd, reconstruct_cmd]

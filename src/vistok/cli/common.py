@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from .output import log
+from .output import warn
 
 
 def auto_device() -> str:
@@ -59,7 +59,7 @@ def load_model(spec: str, device: str = "auto", dtype: str = "fp32"):
     torch_dtype = resolve_dtype(dtype)
     tok = resolve_tokenizer(spec)
     if not spec.startswith(HF_HUB_PREFIX) and not Path(spec).exists():
-        log(f"warning: {spec} is a preset with random weights (pass a release directory for trained weights)")
+        warn(f"{spec} is a preset with random weights (pass a release directory for trained weights)")
     return tok.to(device=dev, dtype=torch_dtype).eval()
 
 

@@ -35,10 +35,14 @@ def sample_cmd(model, class_labels, num_images, num_iter, cfg, cfg_schedule, tem
     without guidance --cfg 1.0 --temperature 0.95.
     """
     import torch
-    from tqdm import tqdm
 
     from ..images import pixels_to_pil
+    from ..progress import progress_bar
 
+    out = Path(out_dir)
+    if (out / "config.json").exists():
+        raise ValueError(f"--out-dir {out_dir} holds a config.json (a release or run folder): write the samples "
+                         "to a directory of their own")
     tok = load_model(model, device)
     if not hasattr(tok, "sample"):
         raise ValueError(f"{model} is a {type(tok).__name__}: sampling needs a MAR-family model (MARTokenizer)")
@@ -48,18 +52,17 @@ def sample_cmd(model, class_labels, num_images, num_iter, cfg, cfg_schedule, tem
         raise ValueError("pass --class-label (one or more) or --num-images for unconditional sampling")
     else:
         jobs = [None] * num_images
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     rows = []
-    bar = tqdm(total=len(jobs), desc="sampling", unit="img", file=__import__("sys").stderr, disable=len(jobs) < 2)
+    bar = progress_bar(total=len(jobs), desc="sampling", unit="img", enabled=len(jobs) >= 2)
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start:start + batch_size]
         labels = None if chunk[0] is None else list(chunk)
-        with torch.inference_mode():
+        with torch.inference_mode():  # the first batch checks every argument before --out-dir is created
             res = tok.sample(labels, num_images=len(chunk), num_iter=num_iter, cfg=cfg, cfg_schedule=cfg_schedule,
                              temperature=temperature, num_sampling_steps=num_sampling_steps, generator=generator,
                              progress=len(jobs) == 1)
+        out.mkdir(parents=True, exist_ok=True)
         for i, (label, img) in enumerate(zip(chunk, pixels_to_pil(res.images.float().cpu()))):
             name = f"{start + i:05d}" + ("" if label is None else f"_class{label}")
             img.save(out / f"{name}.png")
@@ -67,7 +70,7 @@ def sample_cmd(model, class_labels, num_images, num_iter, cfg, cfg_schedule, tem
         bar.update(len(chunk))
     bar.close()
     log(f"wrote {len(rows)} image(s) to {out}")
-    emit(rows, as_json=as_json)
+    emit(rows, as_json=as_json, obj={"out_dir": str(out), "images": rows})
 
 
 COMMANDS = [sample_cmd]

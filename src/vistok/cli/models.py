@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from .common import load_model, refuse_overwrite
-from .output import emit, log
+from .output import emit, log, warn
 
 
 @click.command("list-models")
@@ -19,7 +19,7 @@ def list_models_cmd(pattern, as_json):
     for name in list_models(pattern):
         p = get_preset(name)
         rows.append({"name": name, "class": p["class"], "description": p.get("description", "")})
-    emit(rows, as_json=as_json)
+    emit(rows, as_json=as_json, obj={"models": rows})
 
 
 @click.command("info")
@@ -75,8 +75,11 @@ def info_cmd(model, as_json):
               help="mar/harmon: attention heads (default: from args.model or the official width -> heads)")
 @click.option("--kl16", type=click.Path(dir_okay=False), default=None,
               help="mar/harmon: MAR's kl16.ckpt, to include the KL-16 VAE (otherwise random)")
+@click.option("--overwrite", is_flag=True,
+              help="replace DST when it holds a release an earlier `vistok convert KIND` wrote")
 @click.option("--json", "as_json", is_flag=True, help="JSON output")
-def convert_cmd(kind, src, dst, preset, scaling_factor, model_config, pretrained, ema, num_heads, kl16, as_json):
+def convert_cmd(kind, src, dst, preset, scaling_factor, model_config, pretrained, ema, num_heads, kl16, overwrite,
+                as_json):
     """Convert a released checkpoint SRC into a vistok release directory DST.
 
     \b
@@ -117,6 +120,9 @@ def convert_cmd(kind, src, dst, preset, scaling_factor, model_config, pretrained
         raise ValueError(f"--config applies to dualtoken and toklip, not to {kind}")
     if pretrained is not None and kind != "dualtoken":
         raise ValueError(f"--pretrained applies to dualtoken, not to {kind}")
+    if kind == "toklip" and preset is not None and model_config is not None:
+        raise ValueError("convert toklip takes --preset or --config, not both: --config builds the architecture "
+                         "from TokLIP's model config, --preset names one")
     extra = {"scaling_factor": scaling_factor} if scaling_factor is not None else {}
     mar_opts = {"ema": ema, "num_heads": num_heads, "kl16": kl16}
     if kind in ("mar", "harmon"):
@@ -124,9 +130,9 @@ def convert_cmd(kind, src, dst, preset, scaling_factor, model_config, pretrained
             raise ValueError(f"--preset does not apply to {kind}: the size is read from the weights")
         if kind == "harmon" and ema is not None:
             raise ValueError("--ema/--no-ema applies to MAR training checkpoints, not to Harmon's single weight set")
-        report = CONVERTERS[kind](src, dst, **{k: v for k, v in mar_opts.items() if v is not None})
+        report = CONVERTERS[kind](src, dst, overwrite=overwrite, **{k: v for k, v in mar_opts.items() if v is not None})
         if not kl16 and "random" in report["vae"]:
-            log("warning: the release has a randomly initialised KL-16 VAE; pass --kl16 kl16.ckpt for MAR's")
+            warn("the release has a randomly initialised KL-16 VAE; pass --kl16 kl16.ckpt for MAR's")
         emit([report], as_json=as_json)
         return
     given = [f"--{k.replace('_', '-')}" for k, v in mar_opts.items() if v is not None]
@@ -136,7 +142,7 @@ def convert_cmd(kind, src, dst, preset, scaling_factor, model_config, pretrained
         extra = {"config": model_config, "pretrained": pretrained}
     elif model_config is not None:
         extra["config"] = model_config
-    report = CONVERTERS[kind](src, dst, preset=preset, **extra)
+    report = CONVERTERS[kind](src, dst, preset=preset, overwrite=overwrite, **extra)
     if not as_json:  # a table cell per list: "a, b" (the table's own list format is "AxB", for grids)
         report = {k: ", ".join(map(str, v)) if isinstance(v, list) else v for k, v in report.items()}
     emit([report], as_json=as_json)

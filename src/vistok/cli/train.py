@@ -39,10 +39,13 @@ def train_cmd(config, assignments, out_dir, resume, as_json):
 @click.option("--json", "as_json", is_flag=True, help="JSON output")
 def export_cmd(run_dir, dst, step, ema, as_json):
     """Write a training run's checkpoint as a release directory DST (config.json + model.safetensors)."""
+    import json
+
     from ..train.trainer import export_run
 
     path = export_run(run_dir, dst, step=step, ema=ema)
-    emit([{"run": run_dir, "step": step if step is not None else "latest", "ema": ema, "release": str(path)}], as_json=as_json)
+    exported = json.loads((path / "config.json").read_text()).get("trained_steps")  # the step actually written
+    emit([{"run": run_dir, "step": exported, "ema": ema, "dst": str(path)}], as_json=as_json)
 
 
 COMMANDS = [train_cmd, export_cmd]

@@ -13,11 +13,11 @@ from ..weights import (numpy_plain_globals, read_checkpoint, strip_prefixes, top
                        unwrap_state_dict)
 
 
-def check_destination(dst: str | Path, kind: str) -> None:
+def check_destination(dst: str | Path, kind: str, *, overwrite: bool = False) -> None:
     """Refuse a conversion's DST that would overwrite or mix with other files: DST must be new, empty,
-    or a release an earlier `vistok convert KIND` wrote (only config.json, model.safetensors and vistok's own
-    README.md model card, with `source.kind == kind`), which converting again replaces. Called before anything
-    is read or written."""
+    or, with `overwrite`, a release an earlier `vistok convert KIND` wrote (only config.json, model.safetensors
+    and vistok's own README.md model card, with `source.kind == kind`), which converting again replaces. Called
+    before anything is read or written; ValueError otherwise."""
     dst = Path(dst)
     if not dst.exists():
         return
@@ -32,7 +32,10 @@ def check_destination(dst: str | Path, kind: str) -> None:
         kind_there = None
     ours = {"config.json", "model.safetensors"} | ({README_NAME} if is_ours(dst / README_NAME) else set())
     if set(held) <= ours and kind_there == kind:
-        return
+        if overwrite:
+            return
+        raise ValueError(f"destination {dst} already holds a `vistok convert {kind}` release; pass --overwrite "
+                         "(overwrite=True) to replace it, nothing was written")
     raise ValueError(f"destination {dst} is not empty and is not an earlier `vistok convert {kind}` release "
                      f"(it holds {held[:5]}{' ...' if len(held) > 5 else ''}); choose a new directory, "
                      "nothing was written")

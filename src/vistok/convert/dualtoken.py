@@ -278,7 +278,8 @@ def _teacher_state(pretrained: Path, model_state: dict[str, torch.Tensor]) -> tu
 
 
 def convert_dualtoken(src: str | os.PathLike, dst: str | os.PathLike, *, config: Optional[str | os.PathLike] = None,
-                      pretrained: Optional[str | os.PathLike] = None, preset: Optional[str] = None) -> dict:
+                      pretrained: Optional[str | os.PathLike] = None, preset: Optional[str] = None,
+                      overwrite: bool = False) -> dict:
     """An official `epoch_N.pt` (+ its model config and the HF folder it names) -> a training-ready
     vistok release at `dst` (teacher included; the release's `source.teacher` says where it came from).
 
@@ -289,7 +290,7 @@ def convert_dualtoken(src: str | os.PathLike, dst: str | os.PathLike, *, config:
         raise ValueError("convert dualtoken builds the architecture from the official config: drop --preset "
                          "and pass --config")
     src = Path(src)
-    check_destination(dst, "dualtoken")
+    check_destination(dst, "dualtoken", overwrite=overwrite)
     ckpt = read_checkpoint(src)
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
         found = sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__

@@ -15,14 +15,15 @@ from ..weights import load_state_dict_strict, read_checkpoint, strip_prefixes, u
 from .checkpoint_io import check_destination
 
 
-def convert_llamagen_vq(src: str | Path, dst: str | Path, *, preset: Optional[str] = None) -> dict:
+def convert_llamagen_vq(src: str | Path, dst: str | Path, *, preset: Optional[str] = None,
+                        overwrite: bool = False) -> dict:
     """LlamaGen's `vq_ds16_*.pt` (read with weights_only=True; `ema` / `model` / `state_dict`, `module.`
     unwrapped) -> a vistok release at `dst` of `preset` (default llamagen-vq16), loaded strictly. Returns a
     summary dict. Raises ValueError / CheckpointMismatchError naming the problem, and refuses a `dst` that
     holds other files."""
     import argparse
 
-    check_destination(dst, "llamagen-vq16")
+    check_destination(dst, "llamagen-vq16", overwrite=overwrite)
     raw = read_checkpoint(src, allowed_globals=[argparse.Namespace])  # training files carry `args`
     sd = strip_prefixes(unwrap_state_dict(raw, keys=("ema", "model", "state_dict")), ["module."])
     preset = preset or "llamagen-vq16"

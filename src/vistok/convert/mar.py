@@ -117,12 +117,12 @@ def _report(tok: MARTokenizer, dst, vae_from, **extra) -> dict:
 
 
 def convert_mar(src: str | Path, dst: str | Path, *, ema: bool = True, num_heads: Optional[int] = None,
-                kl16: Optional[str | Path] = None, vae: Optional[dict] = None) -> dict:
+                kl16: Optional[str | Path] = None, vae: Optional[dict] = None, overwrite: bool = False) -> dict:
     """A MAR checkpoint (`save_model`'s dict, or a bare state dict) -> release directory `dst`.
     ema: take `model_ema` (MAR's evaluation weights; `model` when the file has none);
     num_heads: override the head count; kl16: MAR's `kl16.ckpt` for the VAE;
     vae: KL constructor args replacing MAR KL-16's (tests use a small stride-16 VAE)."""
-    check_destination(dst, "mar")
+    check_destination(dst, "mar", overwrite=overwrite)
     raw = read_checkpoint(src, allowed_globals=[argparse.Namespace])
     args = raw.get("args") if isinstance(raw, dict) and isinstance(raw.get("args"), argparse.Namespace) else None
     used = "state dict"
@@ -141,11 +141,12 @@ def convert_mar(src: str | Path, dst: str | Path, *, ema: bool = True, num_heads
 
 
 def convert_harmon(src: str | Path, dst: str | Path, *, num_heads: Optional[int] = None,
-                   kl16: Optional[str | Path] = None, vae: Optional[dict] = None, image_size: int = 512) -> dict:
+                   kl16: Optional[str | Path] = None, vae: Optional[dict] = None, image_size: int = 512,
+                   overwrite: bool = False) -> dict:
     """A Harmon file (flat `mar.*`, `llm.*`, `proj_in.*`, `proj_out.*`) -> release directory `dst`
     holding Harmon's MAR (encoder, decoder, diffusion head); `llm.*` and the projectors are dropped
     and counted in the report. image_size: the preprocessing size (Harmon runs 512 px)."""
-    check_destination(dst, "harmon")
+    check_destination(dst, "harmon", overwrite=overwrite)
     flat = strip_prefixes(unwrap_state_dict(read_checkpoint(src, allowed_globals=[argparse.Namespace]),
                                             keys=("state_dict", "model")), ["module."])
     sd = {k[len("mar."):]: v for k, v in flat.items() if k.startswith("mar.")}

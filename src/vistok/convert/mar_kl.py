@@ -27,11 +27,11 @@ def detect_kl_preset(state_dict: dict[str, torch.Tensor]) -> str:
 
 
 def convert_mar_kl16(src: str | Path, dst: str | Path, *, preset: Optional[str] = None,
-                     scaling_factor: Optional[float] = None) -> dict:
+                     scaling_factor: Optional[float] = None, overwrite: bool = False) -> dict:
     """Convert and write a release directory; returns a report (preset, tensors, parameters).
     `preset` overrides the detected architecture (e.g. for a custom-size KL VAE); `scaling_factor`
     overrides the preset's (re-estimate it as 1 / std of the raw latents for a VAE other than MAR's)."""
-    check_destination(dst, "mar-kl16")
+    check_destination(dst, "mar-kl16", overwrite=overwrite)
     sd = normalize_kl_state_dict(unwrap_state_dict(read_checkpoint(src)))
     preset = preset or detect_kl_preset(sd)
     tok = create_tokenizer(preset, **({} if scaling_factor is None else {"scaling_factor": scaling_factor}))

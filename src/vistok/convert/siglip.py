@@ -15,12 +15,13 @@ from ..tokenizers.siglip_hf import is_hf_siglip_folder, siglip_init_args
 from .checkpoint_io import check_destination
 
 
-def convert_siglip(src: str | Path, dst: str | Path, *, preset: Optional[str] = None, **overrides) -> dict:
+def convert_siglip(src: str | Path, dst: str | Path, *, preset: Optional[str] = None, overwrite: bool = False,
+                   **overrides) -> dict:
     """SigLIP weights (an open_clip file, or an HF SigLIP / SigLIP2 folder) -> a DualToken release at
     `dst` of `preset` (default dualtoken-so400m-384) whose tower and teacher start from them; `overrides`
     are constructor arguments. Returns a summary dict; ValueError for a directory that is not an HF
     SigLIP folder or a `dst` that holds other files."""
-    check_destination(dst, "siglip")
+    check_destination(dst, "siglip", overwrite=overwrite)
 
     preset = preset or "dualtoken-so400m-384"
     source = {"kind": "siglip", "file": Path(src).name, "preset": preset}
@@ -38,4 +39,4 @@ def convert_siglip(src: str | Path, dst: str | Path, *, preset: Optional[str] = 
     tok.save_pretrained(dst, extra={"source": source})
     tower = tok.siglip.state_dict()
     return {"preset": preset, "format": source["format"], "tensors": len(tower),
-            "parameters": tok.num_parameters(), "text_tower": hasattr(tok.siglip, "text"), "destination": str(dst)}
+            "parameters": tok.num_parameters(), "text_tower": hasattr(tok.siglip, "text"), "dst": str(dst)}

@@ -115,11 +115,11 @@ def toklip_args_from_model_config(config: dict | str | Path) -> tuple[Optional[s
 
 
 def convert_toklip(src: str | Path, dst: str | Path, *, preset: Optional[str] = None,
-                   config: Optional[str | Path | dict] = None) -> dict:
+                   config: Optional[str | Path | dict] = None, overwrite: bool = False) -> dict:
     """Convert a TokLIP checkpoint `src` into the release directory `dst`; returns a report (preset
     or "config", tensors read, parameters, the keys filled from initialisation, destination).
     `config`: TokLIP's model-config JSON, needed for a geometry without a preset; `preset` overrides."""
-    check_destination(dst, "toklip")
+    check_destination(dst, "toklip", overwrite=overwrite)
     sd = strip_prefixes(unwrap_state_dict(read_checkpoint(src)), ["module."])
     mapped, unplaced = map_toklip_keys(sd)
     if unplaced:

@@ -13,7 +13,6 @@ Muse) guides with 1 + (cfg - 1) (h*w - still_masked) / (h*w).
 from __future__ import annotations
 
 import math
-import sys
 from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
@@ -92,9 +91,9 @@ def sample_latents(tok: "MARTokenizer", class_labels: Optional[Sequence[int] | t
     mask = torch.ones(bsz, seq_len, dtype=torch.bool, device=device)
     steps = range(num_iter)
     if progress:
-        from tqdm import tqdm
+        from ..progress import progress_bar
 
-        steps = tqdm(steps, desc="MAR sampling", file=sys.stderr)
+        steps = progress_bar(steps, desc="MAR sampling")
     for step, still_masked in zip(steps, mask_lengths(seq_len, num_iter)):
         both = (lambda t: torch.cat([t, t])) if guided else (lambda t: t)
         x = mar.forward_encoder(both(tokens), (gh, gw), buffer, both(mask))

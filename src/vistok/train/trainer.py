@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
-import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -27,6 +27,7 @@ from ..fileio import atomic_path, remove_stale_temps
 from ..bench.codebook import CodeCounter
 from ..bench.metrics import SSIM_WINDOW, psnr_uint8, ssim_uint8
 from ..images import pixels_to_pil, to_uint8
+from ..progress import progress_bar
 from ..tokenizers.registry import create_tokenizer
 from ..tokenizers.siglip_hf import is_hf_siglip_folder, siglip_init_args
 from ..weights import load_state_dict_strict, read_release, read_release_config, tokenizer_class
@@ -41,6 +42,7 @@ from .runlock import RunFolderBusy, RunLock
 
 CONFIG_NAME = "config.json"
 GRID_IMAGES = 8  # held-out images per reconstruction grid
+logger = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------------- setup
@@ -445,12 +447,9 @@ class Trainer:
                 self.log(f"skipped unreadable image {name}")
 
     def log(self, message: str) -> None:
-        """A line on stderr from rank 0 (through the progress bar while it shows), unless quiet."""
+        """Rank 0's messages, through the "vistok.train.trainer" logger (the CLI prints them above the bar)."""
         if self.dist.main and not self.quiet:
-            if getattr(self, "progress", None) is not None:
-                self.progress.write(message, file=sys.stderr)
-            else:
-                print(message, file=sys.stderr, flush=True)
+            logger.info(message)
 
     def _codebook_stats(self) -> dict:
         out = {}
@@ -604,10 +603,8 @@ class Trainer:
                 summary["psnr_before"] = scores["psnr"] if scores else None
             batches = iter(self._loader())
             if self.dist.main and not self.quiet:
-                from tqdm import tqdm
-
-                progress = self.progress = tqdm(total=t.steps, initial=self.step, desc="train", file=sys.stderr,
-                                                dynamic_ncols=True)
+                progress = self.progress = progress_bar(total=t.steps, initial=self.step, desc="train",
+                                                        dynamic_ncols=True)
             while self.step < t.steps:
                 logs = self.train_step(batches)
                 if progress is not None:
@@ -650,7 +647,7 @@ def export_run(run_dir: str | os.PathLike, dst: str | os.PathLike, *, step: Opti
     said through `log`."""
     from .config import build_config
 
-    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    log = log or logger.info
     run_dir = Path(run_dir)
     if not (run_dir / CONFIG_NAME).is_file():
         raise FileNotFoundError(f"{run_dir} is not a training run directory (no {CONFIG_NAME})")
