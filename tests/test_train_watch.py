@@ -48,14 +48,17 @@ def test_every_record_has_a_timestamp_and_evaluations_come_at_eval_every_and_the
 
 
 def test_the_last_evaluation_scores_the_final_weights(run):
-    """Recomputed from the saved step_5 weights: PSNR over the first eval_limit held-out crops, and the
+    """Recomputed from the saved step_5 weights: PSNR over eval_limit=4 held-out crops spread over the two
+    photos (17 crops each: the 2nd and 4th quarter-midpoints of each, crops 4, 12 and 17+4, 17+12), and the
     fraction of each codebook's codes its ids use (mean over depths)."""
     out, _, rows, _ = run
     last = [r for r in rows if "eval/psnr" in r][-1]
     model = vistok.create_tokenizer("tiny-dualtoken")
     load_state_dict_strict(model, load_file(str(out / f"step_{STEPS}" / "model.safetensors")))
     model.eval()
-    x = model.preprocess([im for _, im in builtin_photos("heldout")[:4]])
+    crops = builtin_photos("heldout")
+    assert [name.split("_")[0] for name, _ in crops] == ["chelsea"] * 17 + ["coffee"] * 17
+    x = model.preprocess([crops[i][1] for i in (4, 12, 21, 29)])
     with torch.no_grad():
         psnr = psnr_uint8(to_uint8(x), to_uint8(model.reconstruct(x))).mean().item()
         ids = model.encode(x).ids

@@ -359,7 +359,9 @@ class Trainer:
         d = self.cfg.data
         if not d.eval_source:
             return None
-        items = read_items(d.eval_source)[: d.eval_limit]
+        items = read_items(d.eval_source)
+        if len(items) > d.eval_limit:  # spread over the photos / folders: the first N may all be one photo
+            items = [items[i] for i in spread_indices([item_group(it) for it in items], d.eval_limit)]
         return self.model.preprocess([it.image for it in items]).to(self.dist.device)
 
     def _grid_pixels(self) -> Optional[torch.Tensor]:
