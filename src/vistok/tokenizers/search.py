@@ -8,7 +8,8 @@ is one chunk x K score matrix however many rows there are.
 
 Score modes (`score_dtype`), all giving the ids of an fp32 search:
 
-- "float32": fp32 scores and argmin (ties: the lowest index); the CPU default.
+- "float32": fp32 scores and argmin (ties: the lowest index); the CPU default. On the CPU the argmin
+  is `blocked_argmin` (the same index, without argmin's unvectorised index-tracking reduction).
 - "tfloat32" (the CUDA default) and "bfloat16": the GEMM rounds its inputs (TF32 tensor cores; bf16
   inputs with fp32 accumulation and output). The `candidates` smallest scores per row are re-ranked
   exactly in fp32 by elementwise products (no matmul precision setting touches them), and a
