@@ -182,3 +182,42 @@ def test_cpu_search_ids_equal_plain_addmm_argmin():
     got = nearest_code(x, book, score_dtype="float32")
     assert torch.equal(got, plain)
     assert int(got.max()) < 8192
+
+
+def residual_reference(q: ResidualQuantizer, x: torch.Tensor) -> torch.Tensor:
+    """Ids of an independent residual loop: fp64 differences (cdist), no norm expansion, no chunks."""
+    residual, ids = x.double(), []
+    for d in range(q.depth):
+        book = q.embed[q.book_of(d)].double()
+        idx = torch.cdist(residual, book).argmin(-1)
+        ids.append(idx)
+        residual = residual - book[idx]
+    return torch.stack(ids, -1)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_residual_quantizer_eval_ids_equal_the_reference(shared):
+    """The eval forward (one codebook-norm computation per codebook, blocked argmin on the CPU) gives the
+    ids of a plain fp64 residual loop on random codebooks, for shared and per-depth codebooks."""
+    torch.manual_seed(7)
+    q = ResidualQuantizer(dim=32, codebook_size=1000, depth=4, shared_codebook=shared).eval()
+    x = torch.randn(300, 32) * 0.4
+    assert torch.equal(q(x).ids, residual_reference(q, x))
+
+
+@pytest.mark.parametrize("schedule", ["per_depth", "per_step"])
+def test_cached_codebook_norms_follow_codebook_updates(monkeypatch, schedule):
+    """Training forwards (the per-depth schedule rewrites the codebook between depths) give the same ids
+    and codebooks as a search that recomputes the norms at every depth."""
+    torch.manual_seed(8)
+    a = ResidualQuantizer(dim=16, codebook_size=64, depth=3, ema_schedule=schedule, restart="none").train()
+    b = ResidualQuantizer(dim=16, codebook_size=64, depth=3, ema_schedule=schedule, restart="none").train()
+    b.load_state_dict(a.state_dict())
+    xs = [torch.randn(200, 16) for _ in range(3)]
+    out_a = [a(x).ids for x in xs]
+    plain = search.nearest_code
+    monkeypatch.setattr("vistok.tokenizers.quantizers.nearest_code",
+                        lambda x, book, chunk, **kw: plain(x, book, chunk, **{**kw, "sq_norms": None}))
+    out_b = [b(x).ids for x in xs]
+    assert all(torch.equal(i, j) for i, j in zip(out_a, out_b))
+    assert torch.equal(a.embed, b.embed)

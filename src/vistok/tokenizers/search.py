@@ -75,13 +75,16 @@ def default_chunk_rows(codebook_size: int, device: torch.device) -> int:
 
 @torch.no_grad()
 def nearest_code(x: torch.Tensor, codebook: torch.Tensor, chunk_size: Optional[int] = None, *,
-                 score_dtype=None, candidates: int = DEFAULT_CANDIDATES) -> torch.Tensor:
+                 score_dtype=None, candidates: int = DEFAULT_CANDIDATES,
+                 sq_norms: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Index of the nearest code (squared L2) for every row.
 
     x: (N, d) float; codebook: (K, d) float, same device (the exact parts run in fp32).
     chunk_size: rows per GEMM (None: a 1 Mi-element score matrix on the CPU, 128 Mi on accelerators).
     score_dtype: "auto" / None ("tfloat32" on CUDA, "float32" elsewhere), "float32", "tfloat32",
-    "bfloat16". candidates: fast-score candidates re-ranked in fp32 (fast modes only).
+    "bfloat16". candidates: fast-score candidates re-ranked in fp32 (fast modes only). sq_norms: the
+    codebook's fp32 `codebook.float().pow(2).sum(-1)` (K,), when the caller searches one codebook
+    several times (a residual quantizer's depths); None computes it.
     Returns int64 (N,) in [0, K); ties go to the lowest index. Runs without autocast and without grad.
     Raises ValueError on mismatched shapes, an empty codebook, or a bad score_dtype / chunk_size.
     """
@@ -99,7 +102,7 @@ def nearest_code(x: torch.Tensor, codebook: torch.Tensor, chunk_size: Optional[i
     out = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
     with torch.autocast(device_type=x.device.type, enabled=False):
         x, codebook = x.float(), codebook.float()
-        sq_norms = codebook.pow(2).sum(-1)
+        sq_norms = codebook.pow(2).sum(-1) if sq_norms is None else sq_norms
         if mode == "float32" and fp32_matmul_is_exact(x.device):
             for start in range(0, x.shape[0], chunk):
                 out[start:start + chunk] = _exact_search(x[start:start + chunk], codebook, sq_norms)
