@@ -152,3 +152,72 @@ def test_quantizers_give_the_same_ids_on_both_paths():
     for mode in ("bfloat16", "tfloat32"):
         vq.search_dtype = mode
         assert torch.equal(vq(z).ids.flatten(), llamagen)
+
+
+@pytest.mark.parametrize("columns", [16384, 1000, 128, 100, 1])
+def test_blocked_argmin_is_argmin(columns):
+    """The CPU search's blocked argmin returns torch.argmin's index: the first minimum on ties (within a
+    block, across blocks, against the columns past the last full block) and the first NaN."""
+    g = torch.Generator().manual_seed(5)
+    s = torch.randn(70, columns, generator=g)
+    s[1] = 0.0  # every column tied: index 0
+    s[2, -1] = s[2].min() - 1  # minimum in the tail (1000, 100: past the last full block)
+    s[3, columns // 2:] = s[3].min() - 1  # tied minima in two blocks and the tail: the first one
+    s[4, 5 % columns] = float("nan")  # a NaN counts as the minimum, as in argmin
+    s[5, -1] = float("nan")
+    s[6, :] = torch.arange(columns, 0, -1, dtype=torch.float32)  # strictly decreasing: the last index
+    got = search.blocked_argmin(s)
+    assert torch.equal(got, s.argmin(-1))
+    assert int(got[1]) == 0 and int(got[3]) == columns // 2 and int(got[6]) == columns - 1
+
+
+def test_cpu_search_ids_equal_plain_addmm_argmin():
+    """nearest_code on the CPU (blocked argmin) gives the ids of one fp32 addmm + torch.argmin, the
+    search vistok used before, on random data and a codebook of duplicated codes."""
+    g = torch.Generator().manual_seed(6)
+    book = torch.randn(16384, 32, generator=g) / 32**0.5
+    book[8192:] = book[:8192]  # exact ties across blocks: the lower index
+    x = torch.randn(512, 32, generator=g) * 0.3
+    plain = torch.addmm(book.pow(2).sum(-1), x, book.T, beta=1, alpha=-2).argmin(-1)
+    got = nearest_code(x, book, score_dtype="float32")
+    assert torch.equal(got, plain)
+    assert int(got.max()) < 8192
+
+
+def residual_reference(q: ResidualQuantizer, x: torch.Tensor) -> torch.Tensor:
+    """Ids of an independent residual loop: fp64 differences (cdist), no norm expansion, no chunks."""
+    residual, ids = x.double(), []
+    for d in range(q.depth):
+        book = q.embed[q.book_of(d)].double()
+        idx = torch.cdist(residual, book).argmin(-1)
+        ids.append(idx)
+        residual = residual - book[idx]
+    return torch.stack(ids, -1)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_residual_quantizer_eval_ids_equal_the_reference(shared):
+    """The eval forward (one codebook-norm computation per codebook, blocked argmin on the CPU) gives the
+    ids of a plain fp64 residual loop on random codebooks, for shared and per-depth codebooks."""
+    torch.manual_seed(7)
+    q = ResidualQuantizer(dim=32, codebook_size=1000, depth=4, shared_codebook=shared).eval()
+    x = torch.randn(300, 32) * 0.4
+    assert torch.equal(q(x).ids, residual_reference(q, x))
+
+
+@pytest.mark.parametrize("schedule", ["per_depth", "per_step"])
+def test_cached_codebook_norms_follow_codebook_updates(monkeypatch, schedule):
+    """Training forwards (the per-depth schedule rewrites the codebook between depths) give the same ids
+    and codebooks as a search that recomputes the norms at every depth."""
+    torch.manual_seed(8)
+    a = ResidualQuantizer(dim=16, codebook_size=64, depth=3, ema_schedule=schedule, restart="none").train()
+    b = ResidualQuantizer(dim=16, codebook_size=64, depth=3, ema_schedule=schedule, restart="none").train()
+    b.load_state_dict(a.state_dict())
+    xs = [torch.randn(200, 16) for _ in range(3)]
+    out_a = [a(x).ids for x in xs]
+    plain = search.nearest_code
+    monkeypatch.setattr("vistok.tokenizers.quantizers.nearest_code",
+                        lambda x, book, chunk, **kw: plain(x, book, chunk, **{**kw, "sq_norms": None}))
+    out_b = [b(x).ids for x in xs]
+    assert all(torch.equal(i, j) for i, j in zip(out_a, out_b))
+    assert torch.equal(a.embed, b.embed)

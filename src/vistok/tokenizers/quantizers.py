@@ -191,15 +191,20 @@ class ResidualQuantizer(nn.Module):
                 self._start_step()
             residual = z.detach()
             ids, codes, inputs = [], [], []
+            norms: dict[int, torch.Tensor] = {}  # per codebook, while it is not rewritten
             for d in range(self.depth):
                 if update and not bool(self.initted[self.book_of(d)]):
                     self._kmeans_init(self.book_of(d), residual)  # each codebook on its own depth's residual
                 book = self.embed[self.book_of(d)]
-                idx = nearest_code(residual, book, self.search_chunk_size, score_dtype=self.search_dtype)
+                if self.book_of(d) not in norms:
+                    norms[self.book_of(d)] = book.pow(2).sum(-1)
+                idx = nearest_code(residual, book, self.search_chunk_size, score_dtype=self.search_dtype,
+                                   sq_norms=norms[self.book_of(d)])
                 code = book[idx]  # looked up before this depth rewrites the codebook (the official order)
                 inputs.append(residual)
                 if update and self.ema_schedule == "per_depth":
                     self._update([(d, residual, idx)])
+                    norms.clear()  # the update rewrote the codebook
                 residual = residual - code
                 ids.append(idx)
                 codes.append(code)
