@@ -152,3 +152,24 @@ def test_quantizers_give_the_same_ids_on_both_paths():
     for mode in ("bfloat16", "tfloat32"):
         vq.search_dtype = mode
         assert torch.equal(vq(z).ids.flatten(), llamagen)
+
+
+@pytest.mark.parametrize("score_dtype", ["float32", "tfloat32", "bfloat16"])
+@pytest.mark.parametrize("codes", [4, 64])  # 4 <= candidates: every code re-ranked; 64: the certificate decides
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_rows_are_a_clear_error(score_dtype, codes, bad):
+    # before: the fast modes returned id K (out of range) for a NaN row and the fp32 mode id 0
+    g = torch.Generator().manual_seed(0)
+    x, book = torch.randn(10, 8, generator=g), torch.randn(codes, 8, generator=g)
+    x[3, 2] = bad
+    with pytest.raises(ValueError, match=r"x holds NaN or inf in 1 row\(s\) \(e\.g\. row\(s\) \[3\]"):
+        nearest_code(x, book, score_dtype=score_dtype)
+    book[1, 0] = bad
+    with pytest.raises(ValueError, match="codebook holds NaN or inf"):
+        nearest_code(x[:3], book, score_dtype=score_dtype)
+
+
+@pytest.mark.parametrize("chunk_size", [0, 1.5, True, "8"])
+def test_chunk_size_must_be_a_positive_int(chunk_size):
+    with pytest.raises(ValueError, match="chunk_size must be an int >= 1"):
+        nearest_code(torch.zeros(3, 4), torch.randn(5, 4), chunk_size)

@@ -81,17 +81,19 @@ def nearest_code(x: torch.Tensor, codebook: torch.Tensor, chunk_size: Optional[i
     score_dtype: "auto" / None ("tfloat32" on CUDA, "float32" elsewhere), "float32", "tfloat32",
     "bfloat16". candidates: fast-score candidates re-ranked in fp32 (fast modes only).
     Returns int64 (N,) in [0, K); ties go to the lowest index. Runs without autocast and without grad.
-    Raises ValueError on mismatched shapes, an empty codebook, or a bad score_dtype / chunk_size.
+    Raises ValueError on mismatched shapes, an empty codebook, a bad score_dtype / chunk_size, or NaN / inf
+    in x or the codebook (no nearest code exists; the fast modes check only the rows they could not certify,
+    which include every non-finite one, so the check adds no host sync to a clean call).
     """
     if x.ndim != 2 or codebook.ndim != 2 or x.shape[1] != codebook.shape[1]:
         raise ValueError(f"need x (N, d) and codebook (K, d) with the same d, got {tuple(x.shape)} and "
                          f"{tuple(codebook.shape)}")
     if codebook.shape[0] == 0:
         raise ValueError("the codebook is empty")
-    if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    if candidates < 1:
-        raise ValueError(f"candidates must be >= 1, got {candidates}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be an int >= 1 or None, got {chunk_size!r}")
+    if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1:
+        raise ValueError(f"candidates must be an int >= 1, got {candidates!r}")
     mode = resolve_score_dtype(score_dtype, x.device)
     chunk = chunk_size or default_chunk_rows(codebook.shape[0], x.device)
     out = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
@@ -99,6 +101,7 @@ def nearest_code(x: torch.Tensor, codebook: torch.Tensor, chunk_size: Optional[i
         x, codebook = x.float(), codebook.float()
         sq_norms = codebook.pow(2).sum(-1)
         if mode == "float32" and fp32_matmul_is_exact(x.device):
+            _require_finite(x, codebook)
             for start in range(0, x.shape[0], chunk):
                 out[start:start + chunk] = _exact_search(x[start:start + chunk], codebook, sq_norms)
             return out
@@ -107,10 +110,22 @@ def nearest_code(x: torch.Tensor, codebook: torch.Tensor, chunk_size: Optional[i
         for start in range(0, x.shape[0], chunk):
             out[start:start + chunk], unsure[start:start + chunk] = search(x[start:start + chunk], codebook, sq_norms)
         rows = unsure.nonzero().flatten()  # one host sync per call, not per chunk
+        if rows.numel():
+            _require_finite(x, codebook, rows)
         for start in range(0, rows.numel(), chunk):
             part = rows[start:start + chunk]
             out[part] = _fallback_search(x[part], codebook, sq_norms)
     return out
+
+
+def _require_finite(x: torch.Tensor, codebook: torch.Tensor, rows: Optional[torch.Tensor] = None) -> None:
+    """ValueError naming the non-finite rows of x (x[rows] when given, the fast modes' uncertified rows)."""
+    for name, t, index in (("x", x if rows is None else x[rows], rows), ("codebook", codebook, None)):
+        bad = (~torch.isfinite(t).all(-1)).nonzero().flatten()
+        if bad.numel():
+            bad = bad if index is None else index[bad]
+            raise ValueError(f"nearest_code: {name} holds NaN or inf in {bad.numel()} row(s) (e.g. row(s) "
+                             f"{bad[:5].tolist()}): no nearest code exists for them")
 
 
 def _exact_search(x: torch.Tensor, codebook: torch.Tensor, sq_norms: torch.Tensor) -> torch.Tensor:
@@ -175,13 +190,14 @@ def _certified_search(codebook: torch.Tensor, sq_norms: torch.Tensor, mode: str,
         """-> ids from the re-ranked candidates, and the rows whose candidates are not certified."""
         fast, cand = scores_of(x).topk(k, dim=-1, largest=False, sorted=True)
         ids = _rerank(x, codebook, sq_norms, cand)
-        if k == codebook.shape[0]:
-            return ids, torch.zeros_like(ids, dtype=torch.bool)
+        if k == codebook.shape[0]:  # every code re-ranked: exact unless a score is NaN / inf
+            return ids, ~torch.isfinite(x).all(-1) | ~torch.isfinite(sq_norms).all()
         # |fast - exact| per score <= err: both inputs rounded (2u + u^2 relative on each product),
         # fp32 accumulation over d terms and the bias add, fp32 output rounding
         dot_bound = 2 * x.norm(dim=-1) * code_norm  # >= |2 x.c| for every code
         err = _SAFETY * ((2 * u + u * u + (d + 2) * 2.0**-24) * dot_bound + 2.0**-23 * bias_max)
-        return ids, fast[:, -1] - fast[:, 0] <= 2 * err
+        # written as "not certified" so that NaN gaps or bounds (non-finite rows) count as uncertified
+        return ids, ~(fast[:, -1] - fast[:, 0] > 2 * err)
 
     return search
 
