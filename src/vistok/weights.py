@@ -170,8 +170,9 @@ def strip_prefixes(state_dict: dict[str, torch.Tensor], prefixes: Iterable[str])
 class CheckpointMismatchError(ValueError):
     """Weights that do not fit the model: lists every missing, unexpected and mis-shaped key."""
 
-    def __init__(self, target: str, missing=(), unexpected=(), mismatched=()):
+    def __init__(self, target: str, missing=(), unexpected=(), mismatched=(), wrong_dtype=()):
         self.missing, self.unexpected, self.mismatched = list(missing), list(unexpected), list(mismatched)
+        self.wrong_dtype = list(wrong_dtype)
         parts = []
         if self.missing:
             parts.append(f"{len(self.missing)} missing key(s): {_clip(self.missing)}")
@@ -180,12 +181,24 @@ class CheckpointMismatchError(ValueError):
         if self.mismatched:
             shapes = [f"{k} (checkpoint {tuple(a)} vs model {tuple(b)})" for k, a, b in self.mismatched]
             parts.append(f"{len(shapes)} shape mismatch(es): {_clip(shapes)}")
+        if self.wrong_dtype:
+            kinds = [f"{k} (checkpoint {a} vs model {b})" for k, a, b in self.wrong_dtype]
+            parts.append(f"{len(kinds)} dtype mismatch(es) (integer/bool vs floating): {_clip(kinds)}")
         super().__init__(f"weights do not match {target}: " + "; ".join(parts))
 
 
 def _clip(items: Sequence[str], limit: int = 20) -> str:
     shown = ", ".join(items[:limit])
     return shown + (f", ... (+{len(items) - limit} more)" if len(items) > limit else "")
+
+
+def dtype_kind_mismatches(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor]) -> list[tuple]:
+    """(key, checkpoint dtype, model dtype) where one is floating (or complex) and the other is not: a cast
+    between them (int codes into float weights, float into an integer counter) would silently change the values.
+    fp16/bf16 -> fp32 and the like are casts a load may do."""
+    def kind(t: torch.Tensor) -> str:
+        return "float" if t.is_floating_point() else "complex" if t.is_complex() else "int"
+    return [(k, given[k].dtype, v.dtype) for k, v in expected.items() if k in given and kind(given[k]) != kind(v)]
 
 
 def load_state_dict_strict(module: nn.Module, state_dict: dict[str, torch.Tensor], target: str = "") -> None:
@@ -208,8 +221,9 @@ def load_state_dict_strict(module: nn.Module, state_dict: dict[str, torch.Tensor
         for k in expected
         if k in state_dict and state_dict[k].shape != expected[k].shape
     ]
-    if missing or unexpected or mismatched:
-        raise CheckpointMismatchError(target or type(module).__name__, missing, unexpected, mismatched)
+    wrong_dtype = dtype_kind_mismatches(expected, state_dict)
+    if missing or unexpected or mismatched or wrong_dtype:
+        raise CheckpointMismatchError(target or type(module).__name__, missing, unexpected, mismatched, wrong_dtype)
     module.load_state_dict(state_dict, strict=True)
 
 

@@ -16,7 +16,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .base import CheckpointMismatchError
+from ..weights import CheckpointMismatchError, dtype_kind_mismatches
 
 META = torch.device("meta")
 
@@ -67,7 +67,8 @@ def assign_state_dict(module: nn.Module, state_dict: dict[str, torch.Tensor], ta
     module declares, as a copying load would. Keys that alias one tensor (a tied weight) may appear once
     in `state_dict`, as safetensors' `save_model` stores them; the ties are kept.
 
-    Raises `CheckpointMismatchError` (a ValueError) listing every missing, unexpected and mis-shaped key,
+    Raises `CheckpointMismatchError` (a ValueError) listing every missing, unexpected and mis-shaped key and
+    every integer/floating dtype mismatch (an int tensor for a float weight is not cast silently),
     and RuntimeError if a tensor is still on the meta device afterwards (a module that loads by copying).
     """
     expected = module.state_dict(keep_vars=True)
@@ -82,8 +83,9 @@ def assign_state_dict(module: nn.Module, state_dict: dict[str, torch.Tensor], ta
     unexpected = [k for k in given if k not in expected]
     mismatched = [(k, given[k].shape, expected[k].shape) for k in expected
                   if k in given and given[k].shape != expected[k].shape]
-    if missing or unexpected or mismatched:
-        raise CheckpointMismatchError(target or type(module).__name__, missing, unexpected, mismatched)
+    wrong_dtype = dtype_kind_mismatches(expected, given)
+    if missing or unexpected or mismatched or wrong_dtype:
+        raise CheckpointMismatchError(target or type(module).__name__, missing, unexpected, mismatched, wrong_dtype)
     for names in groups:
         value = given[names[0]]
         dtype = expected[names[0]].dtype
