@@ -195,3 +195,32 @@ def test_info_builds_nothing_and_reads_no_weights(releases, tmp_path):
 def test_big_presets_meta_count_equals_real_build(name):
     """Several GB and tens of seconds per real build: kept out of the default run."""
     assert empty_tokenizer(name).num_parameters() == vistok.create_tokenizer(name).num_parameters()
+
+
+def test_meta_build_in_one_thread_leaves_other_threads_real():
+    # before: the block patched nn.Module for every thread, so a model another thread built meanwhile had
+    # meta parameters (no storage: its forward fails, and a load into it fails)
+    import threading
+
+    inside, built = threading.Event(), threading.Event()
+    out = {}
+
+    def meta_builder():
+        with parameters_on_meta():
+            inside.set()
+            built.wait(10)
+            out["meta"] = nn.Linear(3, 4)
+
+    worker = threading.Thread(target=meta_builder)
+    worker.start()
+    assert inside.wait(10)
+    real = nn.Linear(3, 4)
+    built.set()
+    worker.join(10)
+    assert not real.weight.is_meta and not real.bias.is_meta
+    assert out["meta"].weight.is_meta and out["meta"].bias.is_meta
+    with parameters_on_meta():  # nested blocks keep meta, and leaving restores real builds
+        with parameters_on_meta():
+            assert nn.Linear(2, 2).weight.is_meta
+        assert nn.Linear(2, 2).weight.is_meta
+    assert not nn.Linear(2, 2).weight.is_meta
