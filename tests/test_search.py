@@ -173,3 +173,39 @@ def test_non_finite_rows_are_a_clear_error(score_dtype, codes, bad):
 def test_chunk_size_must_be_a_positive_int(chunk_size):
     with pytest.raises(ValueError, match="chunk_size must be an int >= 1"):
         nearest_code(torch.zeros(3, 4), torch.randn(5, 4), chunk_size)
+
+
+_PRECISION_CHECK = r"""
+import torch
+from vistok.tokenizers import search
+from vistok.tokenizers.search import nearest_code
+cuda = torch.device("cuda")
+g = torch.Generator().manual_seed(0)
+x, book = torch.randn(64, 16, generator=g), torch.randn(300, 16, generator=g)
+exact = nearest_code(x, book)
+# the newer per-backend API: the legacy getter raises from then on, the search must not
+torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+assert search.fp32_matmul_rounding(torch.device("cpu")) == "bf16" and search.fp32_matmul_rounding(cuda) is None
+assert torch.equal(nearest_code(x, book), exact)
+torch.backends.mkldnn.matmul.fp32_precision = "ieee"
+# a user's legacy "medium" survives the TF32 block (before: it became "high", then the getter raised)
+torch.set_float32_matmul_precision("medium")
+assert search.fp32_matmul_rounding(cuda) == "bf16"
+with search._tf32_matmul(cuda):
+    pass
+assert torch.get_float32_matmul_precision() == "medium"
+torch.set_float32_matmul_precision("highest")
+with search._tf32_matmul(cuda):
+    assert search.fp32_matmul_rounding(cuda) == "tf32"
+assert search.fp32_matmul_rounding(cuda) is None and torch.get_float32_matmul_precision() == "highest"
+print("ok")
+"""
+
+
+def test_matmul_precision_set_either_way_is_read_and_left_as_it_was():
+    # a fresh process: these settings are process-global
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-c", _PRECISION_CHECK], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]

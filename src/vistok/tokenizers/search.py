@@ -42,12 +42,28 @@ _INPUT_ROUNDOFF = {"tfloat32": 2.0**-11, "bfloat16": 2.0**-8, "float32": 2.0**-8
 _SAFETY = 2.0  # headroom for truncating conversions, reduced-precision split-K reductions, blocking orders
 
 
+def fp32_matmul_rounding(device: torch.device) -> Optional[str]:
+    """What an fp32 matrix product on `device` may round its inputs to: None (exact IEEE fp32), "tf32" or
+    "bf16". Read from torch's per-backend `fp32_precision` (cuda / mkldnn, else the generic one), which
+    answers whichever API set it: `torch.get_float32_matmul_precision()` raises once the newer
+    `torch.backends.*.fp32_precision` API has been used."""
+    backend = {"cuda": torch.backends.cuda.matmul, "cpu": torch.backends.mkldnn.matmul}.get(device.type)
+    precision = getattr(backend, "fp32_precision", "none")
+    if precision == "none":
+        precision = torch.backends.fp32_precision
+    if precision == "tf32":
+        try:  # the legacy "medium" reads as tf32 on CUDA but allows bf16: keep the bound conservative
+            if torch.get_float32_matmul_precision() == "medium":
+                return "bf16"
+        except RuntimeError:  # the newer API was used: its reading stands
+            pass
+    return None if precision in ("ieee", "none") else precision
+
+
 def fp32_matmul_is_exact(device: torch.device) -> bool:
-    """False where an fp32 matrix product may round its inputs (TF32 on CUDA, "high"/"medium"
-    float32 matmul precision)."""
-    if torch.get_float32_matmul_precision() != "highest":
-        return False
-    return not (device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32)
+    """False where an fp32 matrix product may round its inputs (TF32 on CUDA, "high"/"medium" float32
+    matmul precision, a backend's `fp32_precision` set to "tf32" / "bf16")."""
+    return fp32_matmul_rounding(device) is None
 
 
 def resolve_score_dtype(score_dtype, device: torch.device) -> str:
@@ -149,13 +165,20 @@ def round_mantissa(t: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def _tf32_matmul():
-    previous = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True
+def _tf32_matmul(device: torch.device):
+    """TF32 for the block where fp32 products are exact, through the API torch reads back whichever set it.
+    A setting that already rounds is left alone: toggling the legacy `allow_tf32` turned a user's "medium"
+    into "high" and made `torch.get_float32_matmul_precision()` raise from then on."""
+    matmul = torch.backends.cuda.matmul
+    if fp32_matmul_rounding(device) is not None:
+        yield
+        return
+    previous = matmul.fp32_precision
+    matmul.fp32_precision = "tf32"
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = previous
+        matmul.fp32_precision = previous
 
 
 def _score_function(codebook: torch.Tensor, sq_norms: torch.Tensor, mode: str):
@@ -168,7 +191,7 @@ def _score_function(codebook: torch.Tensor, sq_norms: torch.Tensor, mode: str):
         book_t = (-2 * codebook).T  # -2 folded in exactly; 1-D bias: one fused cuBLASLt GEMM + bias
 
         def tf32(x):
-            with _tf32_matmul():
+            with _tf32_matmul(x.device):
                 return torch.addmm(sq_norms, x, book_t)
         return tf32
     if mode == "float32":  # an fp32 product the backend may round: take it as it is
@@ -183,8 +206,8 @@ def _certified_search(codebook: torch.Tensor, sq_norms: torch.Tensor, mode: str,
     scores_of = _score_function(codebook, sq_norms, mode)
     code_norm, bias_max, d = sq_norms.max().sqrt(), sq_norms.max(), codebook.shape[1]
     u = _INPUT_ROUNDOFF[mode]
-    if mode != "bfloat16" and torch.get_float32_matmul_precision() == "medium":
-        u = _INPUT_ROUNDOFF["bfloat16"]  # "medium" lets fp32 products run in bf16
+    if mode != "bfloat16" and fp32_matmul_rounding(codebook.device) == "bf16":
+        u = _INPUT_ROUNDOFF["bfloat16"]  # "medium" (or fp32_precision "bf16") lets fp32 products run in bf16
 
     def search(x: torch.Tensor, codebook: torch.Tensor, sq_norms: torch.Tensor):
         """-> ids from the re-ranked candidates, and the rows whose candidates are not certified."""
