@@ -17,7 +17,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from ..weights import CheckpointMismatchError, dtype_kind_mismatches
+from ..weights import checked_state_dict
 
 META = torch.device("meta")
 
@@ -100,19 +100,7 @@ def assign_state_dict(module: nn.Module, state_dict: dict[str, torch.Tensor], ta
     """
     expected = module.state_dict(keep_vars=True)
     groups = _alias_groups(expected)
-    given = dict(state_dict)
-    for names in groups:
-        present = [n for n in names if n in given]
-        for n in names:
-            if present and n not in given:
-                given[n] = given[present[0]]
-    missing = [k for k in expected if k not in given]
-    unexpected = [k for k in given if k not in expected]
-    mismatched = [(k, given[k].shape, expected[k].shape) for k in expected
-                  if k in given and given[k].shape != expected[k].shape]
-    wrong_dtype = dtype_kind_mismatches(expected, given)
-    if missing or unexpected or mismatched or wrong_dtype:
-        raise CheckpointMismatchError(target or type(module).__name__, missing, unexpected, mismatched, wrong_dtype)
+    given = checked_state_dict(expected, state_dict, groups, target or type(module).__name__)
     for names in groups:
         value = given[names[0]]
         dtype = expected[names[0]].dtype
