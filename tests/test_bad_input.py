@@ -707,3 +707,22 @@ def test_empty_batches_work_in_every_family(toks, name):
                 assert v.shape == (0, *getattr(one, field)[k].shape[1:]) and v.dtype == getattr(one, field)[k].dtype
     if enc.ids is not None:
         assert tok.embed(enc.ids).shape[0] == 0
+
+
+def test_save_pretrained_refuses_another_librarys_model_folder(tiny_kl, tmp_path):
+    # before: a diffusers/transformers folder's config.json and model.safetensors were replaced silently
+    foreign = tmp_path / "diffusers-vae"
+    foreign.mkdir()
+    (foreign / "config.json").write_text('{"_class_name": "AutoencoderKL", "latent_channels": 4}')
+    (foreign / "model.safetensors").write_bytes(b"their weights")
+    with pytest.raises(ValueError, match=r"holds config.json, model.safetensors that are not a vistok release's"):
+        tiny_kl.save_pretrained(foreign)
+    assert (foreign / "model.safetensors").read_bytes() == b"their weights"
+    assert json.loads((foreign / "config.json").read_text())["_class_name"] == "AutoencoderKL"
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    (lone / "model.safetensors").write_bytes(b"x")
+    with pytest.raises(ValueError, match="holds model.safetensors that are not"):
+        tiny_kl.save_pretrained(lone)
+    again = tiny_kl.save_pretrained(tmp_path / "ours")  # a vistok release is replaced as before
+    assert tiny_kl.save_pretrained(again) == again

@@ -117,6 +117,7 @@ def test_bench_json_is_a_flag_and_json_out_writes_the_same_object(kl_release, im
     assert table.splitlines()[0].split() == ["metric", "value", "protocol"] and (tmp_path / "r2.json").is_file()
     res = invoke(*args, "--json", tmp_path / "r3.json")  # the old FILE spelling: a usage error, not a silent table
     assert res.exit_code == 2 and "r3.json" in res.output
+    assert "--json is a flag (JSON on stdout): write a file with --json-out FILE" in res.output
 
 
 def test_progress_bars_honour_tqdm_disable_and_quiet(kl_release, image_dir, tmp_path):

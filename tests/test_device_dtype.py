@@ -101,3 +101,18 @@ def test_reconstruct_in_bf16_is_close_to_fp32(release, image_dir, tmp_path):
     res = runner.invoke(main, ["reconstruct", str(path), str(image_dir), "--out-dir", str(tmp_path / "x"),
                                "--dtype", "int8"])
     assert res.exit_code == 2 and "'int8' is not one of 'fp32', 'bf16', 'fp16'" in res.output
+
+
+def test_a_device_this_machine_lacks_is_named_before_loading(release):
+    release, _ = release
+    # before: load_tokenizer and bench_recon read the weights, then torch raised "Found no NVIDIA driver" (or
+    # "invalid device ordinal") from .to(); now a ValueError naming the device, as the CLI's --device check
+    missing = f"cuda:{torch.cuda.device_count() + 7}"
+    lacks = rf"device '{missing}': (CUDA is not available on this machine|this machine has \d+ CUDA device\(s\))"
+    with pytest.raises(ValueError, match=lacks):
+        vistok.load_tokenizer(release, device=missing)
+    with pytest.raises(ValueError, match=r"invalid device 'gpu' \(expected auto, cpu, cuda, cuda:N"):
+        vistok.load_tokenizer(release, map_location="gpu")
+    with pytest.raises(ValueError, match=lacks):
+        vistok.bench_recon(release, "builtin:photos", device=missing, limit=1)
+    assert vistok.load_tokenizer(release, device="auto").device.type == ("cuda" if torch.cuda.is_available() else "cpu")

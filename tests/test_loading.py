@@ -157,6 +157,24 @@ def test_file_dtype_is_cast_to_the_models_as_a_copying_load_does(releases, tmp_p
                for k, v in tok.state_dict().items())
 
 
+def test_integer_tensor_for_a_float_weight_is_named_not_cast(releases, tmp_path):
+    # before: load_tokenizer cast an int32 tensor into a float weight (a copying load did the same), silently
+    from safetensors.torch import load_file, save_file
+
+    d = tmp_path / "rel"
+    d.mkdir()
+    (d / "config.json").write_text((releases["tiny-kl"] / "config.json").read_text())
+    weights = load_file(str(releases["tiny-kl"] / "model.safetensors"))
+    key = sorted(k for k, v in weights.items() if v.is_floating_point())[0]
+    save_file({**weights, key: weights[key].round().to(torch.int32)}, str(d / "model.safetensors"))
+    pattern = rf"1 dtype mismatch\(es\) \(integer/bool vs floating\): {key} \(checkpoint torch.int32 vs model torch.float32\)"
+    with pytest.raises(CheckpointMismatchError, match=pattern):
+        vistok.load_tokenizer(d)
+    model = Tied()
+    with pytest.raises(CheckpointMismatchError, match=r"a.bias \(checkpoint torch.int64 vs model torch.float32\)"):
+        load_state_dict_strict(model, {**model.state_dict(), "a.bias": torch.zeros(4, dtype=torch.long)})
+
+
 def test_info_builds_nothing_and_reads_no_weights(releases, tmp_path):
     runner = CliRunner()
     res = runner.invoke(main, ["info", "tiny-toklip", "--json"])
@@ -177,3 +195,32 @@ def test_info_builds_nothing_and_reads_no_weights(releases, tmp_path):
 def test_big_presets_meta_count_equals_real_build(name):
     """Several GB and tens of seconds per real build: kept out of the default run."""
     assert empty_tokenizer(name).num_parameters() == vistok.create_tokenizer(name).num_parameters()
+
+
+def test_meta_build_in_one_thread_leaves_other_threads_real():
+    # before: the block patched nn.Module for every thread, so a model another thread built meanwhile had
+    # meta parameters (no storage: its forward fails, and a load into it fails)
+    import threading
+
+    inside, built = threading.Event(), threading.Event()
+    out = {}
+
+    def meta_builder():
+        with parameters_on_meta():
+            inside.set()
+            built.wait(10)
+            out["meta"] = nn.Linear(3, 4)
+
+    worker = threading.Thread(target=meta_builder)
+    worker.start()
+    assert inside.wait(10)
+    real = nn.Linear(3, 4)
+    built.set()
+    worker.join(10)
+    assert not real.weight.is_meta and not real.bias.is_meta
+    assert out["meta"].weight.is_meta and out["meta"].bias.is_meta
+    with parameters_on_meta():  # nested blocks keep meta, and leaving restores real builds
+        with parameters_on_meta():
+            assert nn.Linear(2, 2).weight.is_meta
+        assert nn.Linear(2, 2).weight.is_meta
+    assert not nn.Linear(2, 2).weight.is_meta

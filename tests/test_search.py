@@ -221,3 +221,60 @@ def test_cached_codebook_norms_follow_codebook_updates(monkeypatch, schedule):
     out_b = [b(x).ids for x in xs]
     assert all(torch.equal(i, j) for i, j in zip(out_a, out_b))
     assert torch.equal(a.embed, b.embed)
+
+
+@pytest.mark.parametrize("score_dtype", ["float32", "tfloat32", "bfloat16"])
+@pytest.mark.parametrize("codes", [4, 64])  # 4 <= candidates: every code re-ranked; 64: the certificate decides
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_rows_are_a_clear_error(score_dtype, codes, bad):
+    # before: the fast modes returned id K (out of range) for a NaN row and the fp32 mode id 0
+    g = torch.Generator().manual_seed(0)
+    x, book = torch.randn(10, 8, generator=g), torch.randn(codes, 8, generator=g)
+    x[3, 2] = bad
+    with pytest.raises(ValueError, match=r"x holds NaN or inf in 1 row\(s\) \(e\.g\. row\(s\) \[3\]"):
+        nearest_code(x, book, score_dtype=score_dtype)
+    book[1, 0] = bad
+    with pytest.raises(ValueError, match="codebook holds NaN or inf"):
+        nearest_code(x[:3], book, score_dtype=score_dtype)
+
+
+@pytest.mark.parametrize("chunk_size", [0, 1.5, True, "8"])
+def test_chunk_size_must_be_a_positive_int(chunk_size):
+    with pytest.raises(ValueError, match="chunk_size must be an int >= 1"):
+        nearest_code(torch.zeros(3, 4), torch.randn(5, 4), chunk_size)
+
+
+_PRECISION_CHECK = r"""
+import torch
+from vistok.tokenizers import search
+from vistok.tokenizers.search import nearest_code
+cuda = torch.device("cuda")
+g = torch.Generator().manual_seed(0)
+x, book = torch.randn(64, 16, generator=g), torch.randn(300, 16, generator=g)
+exact = nearest_code(x, book)
+# the newer per-backend API: the legacy getter raises from then on, the search must not
+torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+assert search.fp32_matmul_rounding(torch.device("cpu")) == "bf16" and search.fp32_matmul_rounding(cuda) is None
+assert torch.equal(nearest_code(x, book), exact)
+torch.backends.mkldnn.matmul.fp32_precision = "ieee"
+# a user's legacy "medium" survives the TF32 block (before: it became "high", then the getter raised)
+torch.set_float32_matmul_precision("medium")
+assert search.fp32_matmul_rounding(cuda) == "bf16"
+with search._tf32_matmul(cuda):
+    pass
+assert torch.get_float32_matmul_precision() == "medium"
+torch.set_float32_matmul_precision("highest")
+with search._tf32_matmul(cuda):
+    assert search.fp32_matmul_rounding(cuda) == "tf32"
+assert search.fp32_matmul_rounding(cuda) is None and torch.get_float32_matmul_precision() == "highest"
+print("ok")
+"""
+
+
+def test_matmul_precision_set_either_way_is_read_and_left_as_it_was():
+    # a fresh process: these settings are process-global
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-c", _PRECISION_CHECK], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]

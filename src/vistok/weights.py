@@ -170,8 +170,9 @@ def strip_prefixes(state_dict: dict[str, torch.Tensor], prefixes: Iterable[str])
 class CheckpointMismatchError(ValueError):
     """Weights that do not fit the model: lists every missing, unexpected and mis-shaped key."""
 
-    def __init__(self, target: str, missing=(), unexpected=(), mismatched=()):
+    def __init__(self, target: str, missing=(), unexpected=(), mismatched=(), wrong_dtype=()):
         self.missing, self.unexpected, self.mismatched = list(missing), list(unexpected), list(mismatched)
+        self.wrong_dtype = list(wrong_dtype)
         parts = []
         if self.missing:
             parts.append(f"{len(self.missing)} missing key(s): {_clip(self.missing)}")
@@ -180,6 +181,9 @@ class CheckpointMismatchError(ValueError):
         if self.mismatched:
             shapes = [f"{k} (checkpoint {tuple(a)} vs model {tuple(b)})" for k, a, b in self.mismatched]
             parts.append(f"{len(shapes)} shape mismatch(es): {_clip(shapes)}")
+        if self.wrong_dtype:
+            kinds = [f"{k} (checkpoint {a} vs model {b})" for k, a, b in self.wrong_dtype]
+            parts.append(f"{len(kinds)} dtype mismatch(es) (integer/bool vs floating): {_clip(kinds)}")
         super().__init__(f"weights do not match {target}: " + "; ".join(parts))
 
 
@@ -188,29 +192,44 @@ def _clip(items: Sequence[str], limit: int = 20) -> str:
     return shown + (f", ... (+{len(items) - limit} more)" if len(items) > limit else "")
 
 
+def dtype_kind_mismatches(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor]) -> list[tuple]:
+    """(key, checkpoint dtype, model dtype) where one is floating (or complex) and the other is not: a cast
+    between them (int codes into float weights, float into an integer counter) would silently change the values.
+    fp16/bf16 -> fp32 and the like are casts a load may do."""
+    def kind(t: torch.Tensor) -> str:
+        return "float" if t.is_floating_point() else "complex" if t.is_complex() else "int"
+    return [(k, given[k].dtype, v.dtype) for k, v in expected.items() if k in given and kind(given[k]) != kind(v)]
+
+
+def checked_state_dict(expected: Mapping[str, torch.Tensor], state_dict: Mapping[str, torch.Tensor],
+                       alias_groups: Iterable[Sequence[str]], target: str) -> dict[str, torch.Tensor]:
+    """`state_dict` completed for aliases (keys naming one tensor of the model, given once as safetensors'
+    `save_model` stores them) and checked against the model's `expected` state dict. Raises
+    `CheckpointMismatchError` naming every missing, unexpected, mis-shaped and integer/floating-mismatched key."""
+    given = dict(state_dict)
+    for names in alias_groups:
+        present = [n for n in names if n in given]
+        for n in names:
+            if present and n not in given:
+                given[n] = given[present[0]]
+    missing = [k for k in expected if k not in given]
+    unexpected = [k for k in given if k not in expected]
+    mismatched = [(k, given[k].shape, v.shape) for k, v in expected.items() if k in given and given[k].shape != v.shape]
+    wrong_dtype = dtype_kind_mismatches(expected, given)
+    if missing or unexpected or mismatched or wrong_dtype:
+        raise CheckpointMismatchError(target, missing, unexpected, mismatched, wrong_dtype)
+    return given
+
+
 def load_state_dict_strict(module: nn.Module, state_dict: dict[str, torch.Tensor], target: str = "") -> None:
-    """Strict load that names every problem. Keys that alias one tensor in the module (a shared
-    codebook) may appear once in `state_dict`, as safetensors' `save_model` stores them."""
+    """Strict load that names every problem (see `checked_state_dict`). Keys that alias one tensor in the
+    module (a shared codebook) may appear once in `state_dict`, as safetensors' `save_model` stores them."""
     expected = module.state_dict()
-    state_dict = dict(state_dict)
     by_storage: dict[tuple, list[str]] = {}
     for k, v in expected.items():
         by_storage.setdefault((v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape)), []).append(k)
-    for names in by_storage.values():
-        present = [n for n in names if n in state_dict]
-        for n in names:
-            if present and n not in state_dict:
-                state_dict[n] = state_dict[present[0]]
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    mismatched = [
-        (k, state_dict[k].shape, expected[k].shape)
-        for k in expected
-        if k in state_dict and state_dict[k].shape != expected[k].shape
-    ]
-    if missing or unexpected or mismatched:
-        raise CheckpointMismatchError(target or type(module).__name__, missing, unexpected, mismatched)
-    module.load_state_dict(state_dict, strict=True)
+    given = checked_state_dict(expected, state_dict, by_storage.values(), target or type(module).__name__)
+    module.load_state_dict(given, strict=True)
 
 
 # ---------------------------------------- release directories

@@ -10,7 +10,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from ..tokenizers.registry import HF_HUB_PREFIX, resolve_dtype, resolve_tokenizer
+from ..tokenizers.registry import HF_HUB_PREFIX, resolve_device, resolve_dtype, resolve_tokenizer
 from .codebook import bench_codebook as _codebook
 from .data import resolve_images
 from .metrics import build_metrics, parse_metric_list
@@ -22,13 +22,8 @@ logger = logging.getLogger(__name__)
 Model = Union[str, torch.nn.Module]
 
 
-def _device(device: Union[str, torch.device]) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"invalid device {device!r} (expected cpu, cuda, cuda:N, ...)") from None
+def _device(device: Union[str, torch.device, None]) -> torch.device:
+    return resolve_device("auto" if device is None else device)
 
 
 def _tokenizer(model: Model, device: str, dtype: str = "fp32"):

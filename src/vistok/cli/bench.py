@@ -54,7 +54,24 @@ def _pixel_metric_options(fn):
     return fn
 
 
-@click.group("bench")
+class _BenchCommand(click.Command):
+    """A bench command whose usage error for the former `--json FILE` spelling names the current one."""
+
+    def parse_args(self, ctx, args):
+        given = list(args)
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as exc:
+            if "--json" in given and "unexpected extra argument" in exc.message:
+                exc.message += "; --json is a flag (JSON on stdout): write a file with --json-out FILE"
+            raise
+
+
+class _BenchGroup(click.Group):
+    command_class = _BenchCommand
+
+
+@click.group("bench", cls=_BenchGroup)
 def bench():
     """Benchmarks: rFID/PSNR/SSIM/LPIPS, zero-shot classification, retrieval, codebook usage."""
 

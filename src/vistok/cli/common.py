@@ -35,19 +35,9 @@ def dtype_option():
 
 def check_device(device: str):
     """`--device` as a torch.device; ValueError when it is malformed or names a CUDA device this machine lacks."""
-    import torch
+    from ..tokenizers.registry import resolve_device
 
-    if device == "auto":
-        device = auto_device()
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"invalid --device {device!r} (expected cpu, cuda, cuda:N, ...)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: CUDA is not available on this machine")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return dev
+    return resolve_device(device, "--device")
 
 
 def load_model(spec: str, device: str = "auto", dtype: str = "fp32"):

@@ -32,6 +32,24 @@ if TYPE_CHECKING:
     from .kl import DiagonalGaussian
     from .layout import TokenLayout
 
+
+def _refuse_foreign_release(directory: Path) -> None:
+    """ValueError when `directory` holds config.json / model.safetensors that a vistok release did not write
+    (a diffusers or transformers model folder, say): saving would replace them."""
+    config, weights = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    if not (config.is_file() or weights.is_file()):
+        return
+    try:
+        name = json.loads(config.read_text()).get("_class_name")
+        tokenizer_class(name)
+        return
+    except (OSError, ValueError, AttributeError, TypeError):
+        pass
+    held = ", ".join(p.name for p in (config, weights) if p.is_file())
+    raise ValueError(f"{directory} holds {held} that are not a vistok release's (config.json has no known "
+                     "'_class_name'); saving would replace them: choose a new directory, nothing was written")
+
+
 @dataclass(frozen=True)
 class CodebookSpec:
     """One discrete vocabulary of a tokenizer: `size` codes of `dim` channels, `depth` residual levels
@@ -413,8 +431,10 @@ class VisualTokenizer(nn.Module):
         `extra` adds top-level keys to config.json; the model card shows `preset`, `trained_steps`,
         `training` (dict), `metrics` (held-out, dict) and `source` from them. A README.md that vistok did not
         write is never replaced (`model_card=False` writes none). Returns the directory; raises OSError (the
-        old files unchanged) when a file cannot be written."""
+        old files unchanged) when a file cannot be written, and ValueError (nothing written) when the directory
+        holds a config.json or model.safetensors that are not a vistok release's (another library's model)."""
         directory = Path(directory)
+        _refuse_foreign_release(directory)
         directory.mkdir(parents=True, exist_ok=True)
         config = self.release_config()
         if getattr(self, "preset_name", None):

@@ -11,40 +11,67 @@ accelerate's `init_empty_weights(include_buffers=False)`, without the dependency
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import Iterator
 
 import torch
 from torch import nn
 
-from .base import CheckpointMismatchError
+from ..weights import checked_state_dict
 
 META = torch.device("meta")
 
 
+_local = threading.local()  # this thread's {id(real): (real kept alive, meta)} while inside the block
+_lock = threading.Lock()
+_users = 0  # threads inside a block: the patch is installed while this is > 0
+_original = nn.Module.register_parameter
+
+
 @contextlib.contextmanager
 def parameters_on_meta() -> Iterator[None]:
-    """Within the block, `nn.Module.register_parameter` puts parameters on the meta device.
+    """Within the block, `nn.Module.register_parameter` puts this thread's parameters on the meta device.
 
     One parameter registered under several names (a tied weight) stays one meta parameter, so the
-    model's ties are the real build's. Not thread-safe (it patches `nn.Module` for the block's duration).
+    model's ties are the real build's. Thread-safe: the patch of `nn.Module` is installed while any
+    thread is inside a block, and acts only for the threads that are (others build real parameters).
     """
-    original = nn.Module.register_parameter
-    made: dict[int, tuple[nn.Parameter, nn.Parameter]] = {}  # id(real) -> (real kept alive, meta)
-
-    def register_on_meta(module: nn.Module, name: str, param) -> None:
-        if param is None or param.device.type == "meta":
-            return original(module, name, param)
-        if id(param) not in made:
-            meta = type(param)(param.to(META), requires_grad=param.requires_grad)
-            meta.__dict__.update(param.__dict__)
-            made[id(param)] = (param, meta)
-        original(module, name, made[id(param)][1])
-
-    nn.Module.register_parameter = register_on_meta
+    outer = getattr(_local, "made", None)
+    _local.made = outer if outer is not None else {}
+    _install()
     try:
         yield
     finally:
-        nn.Module.register_parameter = original
+        _local.made = outer
+        _uninstall()
+
+
+def _install() -> None:
+    global _users, _original
+    with _lock:
+        if _users == 0:
+            _original = nn.Module.register_parameter
+            nn.Module.register_parameter = _register_on_meta
+        _users += 1
+
+
+def _uninstall() -> None:
+    global _users
+    with _lock:
+        _users -= 1
+        if _users == 0:
+            nn.Module.register_parameter = _original
+
+
+def _register_on_meta(module: nn.Module, name: str, param) -> None:
+    made = getattr(_local, "made", None)
+    if made is None or param is None or param.device.type == "meta":
+        return _original(module, name, param)
+    if id(param) not in made:
+        meta = type(param)(param.to(META), requires_grad=param.requires_grad)
+        meta.__dict__.update(param.__dict__)
+        made[id(param)] = (param, meta)
+    _original(module, name, made[id(param)][1])
 
 
 def meta_tensors(module: nn.Module) -> list[str]:
@@ -67,23 +94,13 @@ def assign_state_dict(module: nn.Module, state_dict: dict[str, torch.Tensor], ta
     module declares, as a copying load would. Keys that alias one tensor (a tied weight) may appear once
     in `state_dict`, as safetensors' `save_model` stores them; the ties are kept.
 
-    Raises `CheckpointMismatchError` (a ValueError) listing every missing, unexpected and mis-shaped key,
+    Raises `CheckpointMismatchError` (a ValueError) listing every missing, unexpected and mis-shaped key and
+    every integer/floating dtype mismatch (an int tensor for a float weight is not cast silently),
     and RuntimeError if a tensor is still on the meta device afterwards (a module that loads by copying).
     """
     expected = module.state_dict(keep_vars=True)
     groups = _alias_groups(expected)
-    given = dict(state_dict)
-    for names in groups:
-        present = [n for n in names if n in given]
-        for n in names:
-            if present and n not in given:
-                given[n] = given[present[0]]
-    missing = [k for k in expected if k not in given]
-    unexpected = [k for k in given if k not in expected]
-    mismatched = [(k, given[k].shape, expected[k].shape) for k in expected
-                  if k in given and given[k].shape != expected[k].shape]
-    if missing or unexpected or mismatched:
-        raise CheckpointMismatchError(target or type(module).__name__, missing, unexpected, mismatched)
+    given = checked_state_dict(expected, state_dict, groups, target or type(module).__name__)
     for names in groups:
         value = given[names[0]]
         dtype = expected[names[0]].dtype

@@ -44,12 +44,28 @@ ARGMIN_BLOCK = 128  # columns per block of `blocked_argmin`
 _SAFETY = 2.0  # headroom for truncating conversions, reduced-precision split-K reductions, blocking orders
 
 
+def fp32_matmul_rounding(device: torch.device) -> Optional[str]:
+    """What an fp32 matrix product on `device` may round its inputs to: None (exact IEEE fp32), "tf32" or
+    "bf16". Read from torch's per-backend `fp32_precision` (cuda / mkldnn, else the generic one), which
+    answers whichever API set it: `torch.get_float32_matmul_precision()` raises once the newer
+    `torch.backends.*.fp32_precision` API has been used."""
+    backend = {"cuda": torch.backends.cuda.matmul, "cpu": torch.backends.mkldnn.matmul}.get(device.type)
+    precision = getattr(backend, "fp32_precision", "none")
+    if precision == "none":
+        precision = torch.backends.fp32_precision
+    if precision == "tf32":
+        try:  # the legacy "medium" reads as tf32 on CUDA but allows bf16: keep the bound conservative
+            if torch.get_float32_matmul_precision() == "medium":
+                return "bf16"
+        except RuntimeError:  # the newer API was used: its reading stands
+            pass
+    return None if precision in ("ieee", "none") else precision
+
+
 def fp32_matmul_is_exact(device: torch.device) -> bool:
-    """False where an fp32 matrix product may round its inputs (TF32 on CUDA, "high"/"medium"
-    float32 matmul precision)."""
-    if torch.get_float32_matmul_precision() != "highest":
-        return False
-    return not (device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32)
+    """False where an fp32 matrix product may round its inputs (TF32 on CUDA, "high"/"medium" float32
+    matmul precision, a backend's `fp32_precision` set to "tf32" / "bf16")."""
+    return fp32_matmul_rounding(device) is None
 
 
 def resolve_score_dtype(score_dtype, device: torch.device) -> str:
@@ -86,17 +102,19 @@ def nearest_code(x: torch.Tensor, codebook: torch.Tensor, chunk_size: Optional[i
     codebook's fp32 `codebook.float().pow(2).sum(-1)` (K,), when the caller searches one codebook
     several times (a residual quantizer's depths); None computes it.
     Returns int64 (N,) in [0, K); ties go to the lowest index. Runs without autocast and without grad.
-    Raises ValueError on mismatched shapes, an empty codebook, or a bad score_dtype / chunk_size.
+    Raises ValueError on mismatched shapes, an empty codebook, a bad score_dtype / chunk_size, or NaN / inf
+    in x or the codebook (no nearest code exists; the fast modes check only the rows they could not certify,
+    which include every non-finite one, so the check adds no host sync to a clean call).
     """
     if x.ndim != 2 or codebook.ndim != 2 or x.shape[1] != codebook.shape[1]:
         raise ValueError(f"need x (N, d) and codebook (K, d) with the same d, got {tuple(x.shape)} and "
                          f"{tuple(codebook.shape)}")
     if codebook.shape[0] == 0:
         raise ValueError("the codebook is empty")
-    if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    if candidates < 1:
-        raise ValueError(f"candidates must be >= 1, got {candidates}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be an int >= 1 or None, got {chunk_size!r}")
+    if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1:
+        raise ValueError(f"candidates must be an int >= 1, got {candidates!r}")
     mode = resolve_score_dtype(score_dtype, x.device)
     chunk = chunk_size or default_chunk_rows(codebook.shape[0], x.device)
     out = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
@@ -104,6 +122,7 @@ def nearest_code(x: torch.Tensor, codebook: torch.Tensor, chunk_size: Optional[i
         x, codebook = x.float(), codebook.float()
         sq_norms = codebook.pow(2).sum(-1) if sq_norms is None else sq_norms
         if mode == "float32" and fp32_matmul_is_exact(x.device):
+            _require_finite(x, codebook)
             for start in range(0, x.shape[0], chunk):
                 out[start:start + chunk] = _exact_search(x[start:start + chunk], codebook, sq_norms)
             return out
@@ -112,10 +131,22 @@ def nearest_code(x: torch.Tensor, codebook: torch.Tensor, chunk_size: Optional[i
         for start in range(0, x.shape[0], chunk):
             out[start:start + chunk], unsure[start:start + chunk] = search(x[start:start + chunk], codebook, sq_norms)
         rows = unsure.nonzero().flatten()  # one host sync per call, not per chunk
+        if rows.numel():
+            _require_finite(x, codebook, rows)
         for start in range(0, rows.numel(), chunk):
             part = rows[start:start + chunk]
             out[part] = _fallback_search(x[part], codebook, sq_norms)
     return out
+
+
+def _require_finite(x: torch.Tensor, codebook: torch.Tensor, rows: Optional[torch.Tensor] = None) -> None:
+    """ValueError naming the non-finite rows of x (x[rows] when given, the fast modes' uncertified rows)."""
+    for name, t, index in (("x", x if rows is None else x[rows], rows), ("codebook", codebook, None)):
+        bad = (~torch.isfinite(t).all(-1)).nonzero().flatten()
+        if bad.numel():
+            bad = bad if index is None else index[bad]
+            raise ValueError(f"nearest_code: {name} holds NaN or inf in {bad.numel()} row(s) (e.g. row(s) "
+                             f"{bad[:5].tolist()}): no nearest code exists for them")
 
 
 def _exact_search(x: torch.Tensor, codebook: torch.Tensor, sq_norms: torch.Tensor) -> torch.Tensor:
@@ -162,13 +193,20 @@ def round_mantissa(t: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def _tf32_matmul():
-    previous = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True
+def _tf32_matmul(device: torch.device):
+    """TF32 for the block where fp32 products are exact, through the API torch reads back whichever set it.
+    A setting that already rounds is left alone: toggling the legacy `allow_tf32` turned a user's "medium"
+    into "high" and made `torch.get_float32_matmul_precision()` raise from then on."""
+    matmul = torch.backends.cuda.matmul
+    if fp32_matmul_rounding(device) is not None:
+        yield
+        return
+    previous = matmul.fp32_precision
+    matmul.fp32_precision = "tf32"
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = previous
+        matmul.fp32_precision = previous
 
 
 def _score_function(codebook: torch.Tensor, sq_norms: torch.Tensor, mode: str):
@@ -181,7 +219,7 @@ def _score_function(codebook: torch.Tensor, sq_norms: torch.Tensor, mode: str):
         book_t = (-2 * codebook).T  # -2 folded in exactly; 1-D bias: one fused cuBLASLt GEMM + bias
 
         def tf32(x):
-            with _tf32_matmul():
+            with _tf32_matmul(x.device):
                 return torch.addmm(sq_norms, x, book_t)
         return tf32
     if mode == "float32":  # an fp32 product the backend may round: take it as it is
@@ -196,20 +234,21 @@ def _certified_search(codebook: torch.Tensor, sq_norms: torch.Tensor, mode: str,
     scores_of = _score_function(codebook, sq_norms, mode)
     code_norm, bias_max, d = sq_norms.max().sqrt(), sq_norms.max(), codebook.shape[1]
     u = _INPUT_ROUNDOFF[mode]
-    if mode != "bfloat16" and torch.get_float32_matmul_precision() == "medium":
-        u = _INPUT_ROUNDOFF["bfloat16"]  # "medium" lets fp32 products run in bf16
+    if mode != "bfloat16" and fp32_matmul_rounding(codebook.device) == "bf16":
+        u = _INPUT_ROUNDOFF["bfloat16"]  # "medium" (or fp32_precision "bf16") lets fp32 products run in bf16
 
     def search(x: torch.Tensor, codebook: torch.Tensor, sq_norms: torch.Tensor):
         """-> ids from the re-ranked candidates, and the rows whose candidates are not certified."""
         fast, cand = scores_of(x).topk(k, dim=-1, largest=False, sorted=True)
         ids = _rerank(x, codebook, sq_norms, cand)
-        if k == codebook.shape[0]:
-            return ids, torch.zeros_like(ids, dtype=torch.bool)
+        if k == codebook.shape[0]:  # every code re-ranked: exact unless a score is NaN / inf
+            return ids, ~torch.isfinite(x).all(-1) | ~torch.isfinite(sq_norms).all()
         # |fast - exact| per score <= err: both inputs rounded (2u + u^2 relative on each product),
         # fp32 accumulation over d terms and the bias add, fp32 output rounding
         dot_bound = 2 * x.norm(dim=-1) * code_norm  # >= |2 x.c| for every code
         err = _SAFETY * ((2 * u + u * u + (d + 2) * 2.0**-24) * dot_bound + 2.0**-23 * bias_max)
-        return ids, fast[:, -1] - fast[:, 0] <= 2 * err
+        # written as "not certified" so that NaN gaps or bounds (non-finite rows) count as uncertified
+        return ids, ~(fast[:, -1] - fast[:, 0] > 2 * err)
 
     return search
 
