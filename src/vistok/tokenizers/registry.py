@@ -140,6 +140,19 @@ def resolve_dtype(dtype: Union[str, torch.dtype, None]) -> Optional[torch.dtype]
     raise ValueError(f"unsupported dtype {dtype!r}: expected fp32, bf16 or fp16 (or torch.float32/bfloat16/float16)")
 
 
+def resolve_device(device: Union[str, torch.device, None]) -> Optional[torch.device]:
+    """`"auto"` (cuda if available, else cpu, as the CLI's `--device auto`), a device string or torch.device
+    -> torch.device; None stays None. ValueError naming the value for anything torch cannot parse."""
+    if device is None or isinstance(device, torch.device):
+        return device
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"unsupported device {device!r}: expected 'auto', 'cpu', 'cuda' or 'cuda:N' ({e})") from None
+
+
 def release_directory(path: str | os.PathLike, revision: Optional[str] = None) -> Path:
     """A release directory, or `hf-hub:org/name[@rev]` resolved in the local Hugging Face cache."""
     spec = str(path)
@@ -160,14 +173,14 @@ def load_tokenizer(path: str | os.PathLike, *, revision: Optional[str] = None,
     local Hugging Face cache (never the network), strictly.
 
     The model is built without initialising its parameters (they are the file's tensors, assigned), then
-    moved to `device` (default cpu; `map_location` is the older name) and cast to `dtype` (fp32, bf16, fp16;
+    moved to `device` (default cpu; `"auto"`: cuda if available, else cpu; `map_location` is the older name) and cast to `dtype` (fp32, bf16, fp16;
     default: as saved, fp32 for vistok's releases). It comes back in eval mode (create_tokenizer's, like any
     fresh nn.Module, is in train mode). Raises FileNotFoundError (no such directory, files missing from the
     cache), CheckpointMismatchError (a ValueError listing missing/unexpected/mis-shaped keys), ValueError
     (a bad config, dtype or revision)."""
     if device is not None and map_location is not None and str(device) != str(map_location):
         raise ValueError(f"device={device!r} and map_location={map_location!r} disagree: pass device only")
-    device = device if device is not None else map_location
+    device = resolve_device(device if device is not None else map_location)
     dtype = resolve_dtype(dtype)
     directory = release_directory(path, revision)
     config, weights = read_release(directory)
