@@ -13,7 +13,7 @@ import vistok
 SRC = Path(vistok.__file__).parent
 # floors, lowest first: a module may import from its own floor and the ones below, never above
 FLOORS = [
-    {"_version", "weights", "fileio", "images", "schema", "rng", "builtin"},
+    {"_version", "weights", "fileio", "images", "schema", "rng", "builtin", "progress"},
     {"tokenizers", "losses"},  # losses/diffusion.py holds MAR's diffusion head, which tokenizers/mar.py builds
     {"train", "convert", "bench"},
     {"cli", "__main__"},

@@ -22,6 +22,7 @@ from PIL import Image
 
 from ..builtin import resolve_builtin
 from ..images import list_image_files, load_image, pil_to_pixels, preprocess_image
+from ..progress import progress_bar
 
 BUILTIN_PREFIX = "builtin:"
 
@@ -226,8 +227,6 @@ def iter_batches(items: Sequence, transform: Callable, *, skipped: list, batch_s
     Items whose transform raises ValueError/OSError are appended to `skipped` as `Skipped` and left
     out of the batches. `progress` is the label of a progress bar on stderr (None: no bar).
     """
-    from ..progress import progress_bar
-
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
     loader = torch.utils.data.DataLoader(_Loading(items, transform), batch_size=batch_size, shuffle=False,

@@ -23,6 +23,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from ..progress import progress_bar
 from .data import ImageSet, Preprocessed, Skipped, image_folder, iter_batches, load_item
 
 OPEN_CLIP_PREFIX = "open_clip:"
@@ -227,8 +228,6 @@ def _fill(template, classname: str) -> str:
 def zero_shot_classifier(model: ImageTextModel, classnames: Sequence[str], templates: Sequence,
                          *, texts_per_batch: int = 256, progress: Optional[str] = None) -> torch.Tensor:
     """(E, C): per class, the mean of the normalised template embeddings, re-normalised."""
-    from ..progress import progress_bar
-
     per_batch = max(1, texts_per_batch // len(templates))
     columns = []
     with progress_bar(total=len(classnames), desc=progress, unit="class", enabled=progress is not None) as bar:

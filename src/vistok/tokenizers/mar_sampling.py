@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 
+from ..progress import progress_bar
+
 if TYPE_CHECKING:
     from .mar import MARTokenizer
 
@@ -91,8 +93,6 @@ def sample_latents(tok: "MARTokenizer", class_labels: Optional[Sequence[int] | t
     mask = torch.ones(bsz, seq_len, dtype=torch.bool, device=device)
     steps = range(num_iter)
     if progress:
-        from ..progress import progress_bar
-
         steps = progress_bar(steps, desc="MAR sampling")
     for step, still_masked in zip(steps, mask_lengths(seq_len, num_iter)):
         both = (lambda t: torch.cat([t, t])) if guided else (lambda t: t)
