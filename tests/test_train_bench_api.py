@@ -76,7 +76,7 @@ def test_the_train_command_calls_vistok_train(monkeypatch, tmp_path):
                                        "--resume", "--json"])
     assert result.exit_code == 0, result.output
     assert calls == [("quickstart", str(tmp_path), {"set": ["train.steps=7"], "resume": True})]
-    assert json.loads(result.stdout) == [{"steps": 7, "run_dir": "somewhere"}]
+    assert json.loads(result.stdout) == {"steps": 7, "run_dir": "somewhere"}  # one object, as every --json
 
 
 @pytest.mark.parametrize("argv, function, expected", [
