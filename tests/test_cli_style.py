@@ -198,3 +198,12 @@ def test_sample_checks_before_creating_out_dir(tmp_path, kl_release):
                         "--out-dir", tmp_path / "s", "--json"))
     assert out == {"out_dir": str(tmp_path / "s"), "images": [{"file": str(tmp_path / "s" / "00000_class1.png"),
                                                                 "class": 1}]}
+
+
+def test_train_help_lists_every_shipped_recipe_unwrapped():
+    from vistok.train.config import recipe_names
+
+    res = CliRunner().invoke(main, ["train", "--help"])
+    assert res.exit_code == 0, res.output
+    listed = res.output.split("Recipes (CONFIG):\n", 1)[1].split()
+    assert listed == recipe_names() and "quickstart" in listed and "dualtoken-siglip2-so400m14-384" in listed

@@ -60,6 +60,19 @@ def test_load_tokenizer_device_and_dtype(release):
         vistok.load_tokenizer(path, device="cpu", map_location="meta")
 
 
+def test_load_tokenizer_takes_device_auto_like_the_cli(release, monkeypatch):
+    from vistok.tokenizers.registry import resolve_device
+
+    path, _ = release
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert vistok.load_tokenizer(path, device="auto").device == torch.device("cpu")
+    assert resolve_device("auto") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == torch.device("cuda")
+    with pytest.raises(ValueError, match=r"invalid device 'gpu' \(expected auto, cpu, cuda, cuda:N"):
+        vistok.load_tokenizer(path, device="gpu")
+
+
 def test_device_auto_is_cuda_when_available(monkeypatch):
     from vistok.cli.common import auto_device, check_device
 

@@ -2,7 +2,7 @@
 
 How a page is run:
 - its blocks run one after another in one working directory shared by all pages of the session (where
-  `tests/` is this checkout's, as in the repository root), with this checkout's `vistok` first on PATH (and on PYTHONPATH), OMP_NUM_THREADS=1 and TQDM_DISABLE=1;
+  `tests/` and `benchmarks/` are this checkout's, as in the repository root), with this checkout's `vistok` first on PATH (and on PYTHONPATH), OMP_NUM_THREADS=1 and TQDM_DISABLE=1;
   bash blocks under `bash -euo pipefail`, python blocks with this interpreter;
 - a path under `/tmp/` in a block is mapped into the session's temporary directory, so runs never meet;
 - an HTML comment right before a block steers it:
@@ -114,6 +114,7 @@ def docs_env(tmp_path_factory):
     (root / "bin").mkdir()
     (root / "work").mkdir()
     (root / "work" / "tests").symlink_to(ROOT / "tests")  # pages name test data as tests/data/... (repo root)
+    (root / "work" / "benchmarks").symlink_to(ROOT / "benchmarks")  # ... and run benchmarks/*.py
     wrapper = root / "bin" / "vistok"
     wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m vistok "$@"\n')
     wrapper.chmod(0o755)

@@ -185,7 +185,10 @@ def test_a_trained_export_cards_its_data_steps_and_held_out_psnr(tmp_path):
     release = tmp_path / "run" / "export"
     config = json.loads((release / "config.json").read_text())
     assert config["training"] == {"data": "builtin:photos-train", "steps": 2, "batch_size": 2, "weights": "model"}
-    psnr = config["metrics"]["heldout_psnr"]
+    psnr, ssim = config["metrics"]["heldout_psnr"], config["metrics"]["heldout_ssim"]
+    assert config["metrics"]["heldout_data"] == "builtin:photos (4 images)"
+    assert 0.0 < ssim < 1.0
     card = (release / "README.md").read_text()
     assert f"| heldout_psnr | {psnr:.4g} |" in card and "- data: builtin:photos-train" in card
+    assert f"| heldout_ssim | {ssim:.4g} |" in card and "| heldout_data | builtin:photos (4 images) |" in card
     assert "built from the preset `tiny-kl`" in card

@@ -7,7 +7,17 @@ import click
 from .output import emit
 
 
-@click.command("train")
+class _TrainCommand(click.Command):
+    """`vistok train --help` ends with every shipped recipe, read when the help is shown."""
+
+    def format_epilog(self, ctx, formatter):
+        from ..train.config import recipe_names
+
+        formatter.write("\nRecipes (CONFIG):\n" + "".join(f"  {name}\n" for name in recipe_names()))  # unwrapped names
+        super().format_epilog(ctx, formatter)
+
+
+@click.command("train", cls=_TrainCommand)
 @click.argument("config")
 @click.option("--set", "assignments", multiple=True, metavar="SECTION.KEY=VALUE",
               help="Override a config value (JSON values; repeatable), e.g. --set train.steps=100")

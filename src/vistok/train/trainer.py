@@ -632,11 +632,21 @@ class Trainer:
                        psnr_after=scores["psnr"] if scores else None)
         if t.export and self.dist.main:
             # psnr_after scores the trained weights, not their EMA: recorded only for what it measured
-            held_out = {"heldout_psnr": summary["psnr_after"]} if summary["psnr_after"] is not None and \
-                self.ema is None else None
+            held_out = self._held_out_metrics(scores, eval_pixels) if self.ema is None else None
             summary["export"] = str(export_run(self.out, self.out / "export", ema=self.ema is not None,
                                                log=self.log, metrics=held_out))
         return summary
+
+
+    def _held_out_metrics(self, scores: Optional[dict], pixels: Optional[torch.Tensor]) -> Optional[dict]:
+        """The model card's held-out metrics: what was scored (source, image count), PSNR (dB) and SSIM."""
+        if not scores:
+            return None
+        metrics = {"heldout_data": f"{self.cfg.data.eval_source} ({len(pixels)} images)",
+                   "heldout_psnr": scores["psnr"]}
+        if scores.get("ssim") is not None:
+            metrics["heldout_ssim"] = scores["ssim"]
+        return metrics
 
 
 # ---------------------------------------------------------------------------------------------- export
