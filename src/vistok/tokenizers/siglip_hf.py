@@ -270,9 +270,7 @@ def _vision(get, state: dict, grid: Optional[tuple[int, int]]) -> dict[str, torc
     out["patch_embed.proj.weight"] = patch
     out["patch_embed.proj.bias"] = get(f"{v}embeddings.patch_embedding.bias")
     out["pos_embed"] = positions[None]
-    for i in _layer_indices(state, f"{v}encoder.layers."):
-        for k, t in _encoder_layer(f"{v}encoder.layers.{i}.", get, _VISION_LAYER_NAMES).items():
-            out[f"blocks.{i}.{k}"] = t
+    out.update(_encoder_layers(get, state, f"{v}encoder.layers.", _VISION_LAYER_NAMES, "blocks"))
     for p in ("weight", "bias"):
         out[f"norm.{p}"] = get(f"{v}post_layernorm.{p}")
         out[f"attn_pool.norm.{p}"] = get(f"{v}head.layernorm.{p}")
@@ -285,13 +283,17 @@ def _vision(get, state: dict, grid: Optional[tuple[int, int]]) -> dict[str, torc
     return {f"visual.trunk.{k}": t for k, t in out.items()}
 
 
+def _encoder_layers(get, state: dict, src: str, names, dst: str) -> dict[str, torch.Tensor]:
+    """Every HF encoder layer under `src` ("...encoder.layers.") renamed to vistok's `dst.{i}.` blocks."""
+    return {f"{dst}.{i}.{k}": t for i in _layer_indices(state, src)
+            for k, t in _encoder_layer(f"{src}{i}.", get, names).items()}
+
+
 def _text(get, state: dict) -> dict[str, torch.Tensor]:
     t = "text_model."
     out = {"token_embedding.weight": get(f"{t}embeddings.token_embedding.weight"),
            "positional_embedding": get(f"{t}embeddings.position_embedding.weight")}
-    for i in _layer_indices(state, f"{t}encoder.layers."):
-        for k, v in _encoder_layer(f"{t}encoder.layers.{i}.", get, _TEXT_LAYER_NAMES).items():
-            out[f"transformer.resblocks.{i}.{k}"] = v
+    out.update(_encoder_layers(get, state, f"{t}encoder.layers.", _TEXT_LAYER_NAMES, "transformer.resblocks"))
     for p in ("weight", "bias"):
         out[f"ln_final.{p}"] = get(f"{t}final_layer_norm.{p}")
         out[f"text_projection.{p}"] = get(f"{t}head.{p}")
